@@ -1,0 +1,41 @@
+# Two entry points that do all the set-up on a fresh machine:
+#   make demo   - create .venv, install, run the main job on the embedded shm:// transport
+#   make test   - create .venv, install with every test extra, run the test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+TORCH   ?= torch==2.13.0
+TEST_EXTRAS ?= hf,deepspeed,mpi,ucx,redis,zstd,dev
+DEMO_EXTRAS ?= hf
+PYTEST_ARGS ?=
+
+.PHONY: demo test install-demo install-test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first, pinned, unless one is already importable: an unpinned resolve pulls a CUDA build.
+.torch-ok: | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH)"
+	@touch .torch-ok
+
+install-demo: .torch-ok
+	$(PIP) install --quiet -e ".[$(DEMO_EXTRAS)]"
+
+install-test: .torch-ok
+	$(PIP) install --quiet -e ".[$(TEST_EXTRAS)]"
+
+demo: install-demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hotweights demo
+
+# pytest exits 5 when it collects nothing; make treats every non-zero exit as a failure.
+test: install-test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install-test
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .torch-ok build *.egg-info .pytest_cache

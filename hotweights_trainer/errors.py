@@ -1,0 +1,120 @@
+"""The one exception tree of hotweights_trainer.
+
+Every error the library raises on purpose derives from :class:`HotweightsError`, so callers can
+``except HotweightsError`` around a sync without catching unrelated bugs. Subclasses also derive
+from the closest builtin (``ValueError``, ``TimeoutError``, ``ConnectionError``) so generic code
+keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class HotweightsError(Exception):
+    """Base class of every error raised by hotweights_trainer."""
+
+
+class ConfigError(HotweightsError, ValueError):
+    """One or more configuration values are invalid.
+
+    ``problems`` lists every problem found, so a user fixes them all in one go.
+    """
+
+    def __init__(self, problems: Sequence[str] | str):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} configuration problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(msg)
+
+
+class EndpointError(ConfigError):
+    """An endpoint string cannot be parsed or does not fit the chosen transport."""
+
+
+class WireFormatError(HotweightsError, ValueError):
+    """Bytes received from a peer do not form a valid header, bucket or message."""
+
+
+class CorruptBucketError(WireFormatError):
+    """A bucket's checksum does not match its bytes."""
+
+
+class ManifestMismatchError(HotweightsError, ValueError):
+    """The tensors announced by a publisher do not fit the receiver's model.
+
+    ``problems`` maps each offending tensor name to what is wrong with it.
+    """
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = dict(problems)
+        lines = [f"  - {name}: {why}" for name, why in sorted(self.problems.items())]
+        super().__init__(
+            f"{len(self.problems)} tensor(s) do not match the receiver's model; nothing was applied:\n"
+            + "\n".join(lines)
+        )
+
+
+class SyncTimeoutError(HotweightsError, TimeoutError):
+    """A blocking wait passed its deadline."""
+
+
+class PeerLostError(HotweightsError, ConnectionError):
+    """The other side of a sync went away (closed its connection or died)."""
+
+
+class VersionAbortedError(HotweightsError):
+    """A version was discarded before commit; receivers stay on the previous version."""
+
+    def __init__(self, version: int, reason: str, causes: Iterable[str] = ()):
+        self.version = version
+        self.reason = reason
+        self.causes = list(causes)
+        detail = "".join(f"\n  - {c}" for c in self.causes)
+        super().__init__(f"version {version} aborted: {reason}{detail}")
+
+
+class TransportUnavailableError(HotweightsError, RuntimeError):
+    """A transport was requested that cannot run here (missing library, no device, ...)."""
+
+
+class ClosedError(HotweightsError, RuntimeError):
+    """An operation was attempted on a closed publisher or receiver."""
+
+
+class KVMigrationError(HotweightsError, ValueError):
+    """A KV-cache transform cannot be applied; the cache was left untouched."""
+
+
+class OptimizerPolicyError(HotweightsError, RuntimeError):
+    """An optimizer-state policy could not be applied."""
+
+
+class CoordinatorError(HotweightsError, RuntimeError):
+    """The control plane refused a request or is in an inconsistent state."""
+
+
+class AuthError(CoordinatorError, PermissionError):
+    """A request carried no token or a wrong one."""
+
+
+class FencedError(CoordinatorError):
+    """A write carried a stale fencing token or version and was rejected."""
+
+
+def missing_dependency(module: str, extra: str, package: str | None = None) -> ImportError:
+    """Build the ImportError raised when an optional dependency is absent.
+
+    The message gives the exact install command, because that is what the user needs next.
+    """
+    pkg = package or module
+    return ImportError(
+        f"{module!r} is required for this feature but is not installed. "
+        f"Install it with: pip install 'hotweights_trainer[{extra}]'  (or: pip install {pkg})"
+    )

@@ -1,0 +1,311 @@
+"""Inference side: stage -> verify -> commit -> apply.
+
+Buckets are verified (header and payload checksums, manifest against the model) as they arrive, on
+the transport's thread. A version becomes *pending* only when the publisher commits it, which it
+does only after every receiver staged it. The model changes only when its owner calls :meth:`poll`
+or :meth:`wait_for_version`, in the owner's thread, so serving code decides when the (short) pause
+happens and never sees a half-applied model. A version that is aborted, superseded or cut off by a
+lost publisher is discarded whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from .config import SyncConfig
+from .errors import (ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
+                     SyncTimeoutError, WireFormatError)
+from .naming import NameMap
+from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver
+from .transports import create_receiver_transport, parse_endpoint
+from .wire.bucket import decode_bucket
+
+log = logging.getLogger(__name__)
+
+ApplyFn = Callable[[Iterable[tuple[str, torch.Tensor]]], Any]
+_ids = itertools.count(1)
+
+
+class WeightReceiver:
+    """Follows a publisher and applies each committed version whole.
+
+    ``model``: an ``nn.Module`` updated in place (``param.data.copy_`` under ``no_grad``; references
+    the serving code holds stay valid). ``apply``: a callable taking an iterable of ``(name, tensor)``
+    (the shape of vLLM's ``model.load_weights``); the tensors are read-only views valid only during
+    the call. With both, ``model`` is used to check the manifest and ``apply`` to load.
+    """
+
+    def __init__(self, endpoint: str, *, model: Optional[torch.nn.Module] = None,
+                 apply: Optional[ApplyFn] = None, config: Optional[SyncConfig] = None,
+                 name_map: NameMap = None):
+        if model is None and apply is None:
+            raise HotweightsError("WeightReceiver needs a model to update or an apply callable")
+        self.config = config if config is not None else SyncConfig.from_env()
+        self.endpoint = parse_endpoint(endpoint)
+        self.model = model
+        self._apply_fn = apply
+        self.name_map = name_map
+        targets = build_targets(model) if model is not None else None
+        self._resolve = make_resolver(targets, name_map)
+        self._check = targets is not None
+        self.receiver_id = f"{socket.gethostname()}:{os.getpid()}:{next(_ids)}"
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._apply_lock = threading.Lock()
+        self._staging: Optional[StagedVersion] = None
+        self._staging_error: Optional[HotweightsError] = None
+        self._pending: Optional[StagedVersion] = None
+        self._errors: collections.deque[HotweightsError] = collections.deque(maxlen=32)
+        self._live_version = 0
+        self._live_session: Optional[int] = None
+        self._live_step: Optional[int] = None
+        self._session: Optional[int] = None
+        self._ever_connected = False
+        self._lost_reason: Optional[str] = None
+        self._closed = False
+        self._apply_hooks: list[Callable[["WeightReceiver", int], None]] = []
+        self.last_apply_seconds = 0.0
+        self.last_apply_bytes = 0
+        self.versions_applied = 0
+        self._tx = create_receiver_transport(self.endpoint, self.config)
+        self._tx.start(self, self._hello)
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def version(self) -> int:
+        """The version now live in the model (0 before the first)."""
+        return self._live_version
+
+    @property
+    def step(self) -> Optional[int]:
+        """The trainer step the live version was published at, when the publisher gave one."""
+        return self._live_step
+
+    @property
+    def connected(self) -> bool:
+        return self._tx.connected
+
+    def add_apply_hook(self, fn: Callable[["WeightReceiver", int], None]) -> None:
+        """Call ``fn(receiver, version)`` after each version is applied, inside the same pause."""
+        self._apply_hooks.append(fn)
+
+    def poll(self) -> Optional[int]:
+        """Apply the newest committed version if one is waiting; never blocks on the network.
+
+        Returns the version applied, or None. Raises the oldest error not yet reported (a version
+        this receiver rejected), once.
+        """
+        self._raise_pending_error()
+        with self._lock:
+            staged, self._pending = self._pending, None
+        if staged is None:
+            return None
+        try:
+            self._apply(staged)
+        finally:
+            self._release(staged)
+        return staged.version
+
+    def wait_for_version(self, min_version: int = 1, timeout: Optional[float] = None) -> int:
+        """Block until a committed version >= ``min_version`` is applied; returns the live version.
+
+        Raises :class:`SyncTimeoutError` after ``timeout`` (default ``config.timeout_s``) seconds, or
+        :class:`PeerLostError` when the publisher went away and did not come back in that time.
+        """
+        limit = self.config.timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            if self._closed:
+                raise ClosedError(f"receiver on {self.endpoint} is closed")
+            self.poll()
+            if self._live_version >= min_version:
+                return self._live_version
+            with self._cond:
+                if self._pending is None and not self._errors:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(left, 0.5))
+        if self._lost_reason is not None and not self._tx.connected:
+            raise PeerLostError(f"publisher of {self.endpoint} went away ({self._lost_reason}) and did not "
+                                f"come back within {limit:.1f}s; live version is {self._live_version}")
+        state = "connected" if self._tx.connected else "never connected" if not self._ever_connected else "not connected"
+        raise SyncTimeoutError(f"no version >= {min_version} from {self.endpoint} within {limit:.1f}s "
+                               f"({state}; live version {self._live_version})")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._staging = None
+            self._pending = None
+            self._cond.notify_all()
+        self._tx.close()
+
+    def __enter__(self) -> "WeightReceiver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- apply
+    def _apply(self, staged: StagedVersion) -> None:
+        with self._apply_lock:
+            t0 = time.perf_counter()
+            if self._apply_fn is not None:
+                self._apply_fn(staged.iter_tensors())
+                nbytes = staged.nbytes
+            else:
+                nbytes = apply_to_targets(staged, self._resolve)
+            for hook in self._apply_hooks:
+                hook(self, staged.version)
+            dt = time.perf_counter() - t0
+            if self._live_session is not None and staged.session != self._live_session:
+                log.warning("new publisher session on %s: version %d -> %d", self.endpoint,
+                            self._live_version, staged.version)
+            self._live_version = staged.version
+            self._live_session = staged.session
+            self._live_step = staged.step
+            self.last_apply_seconds = dt
+            self.last_apply_bytes = nbytes
+            self.versions_applied += 1
+        log.debug("applied version %d (%.1f MB in %.2f ms)", staged.version, nbytes / 1e6, dt * 1e3)
+
+    def _release(self, staged: StagedVersion) -> None:
+        staged.buckets.clear()  # drop our views of the publisher's buffers before saying so
+        try:
+            self._tx.send({"op": "release", "version": staged.version})
+        except HotweightsError:
+            pass  # publisher gone: nothing to release to, its buffers went with it
+
+    def _raise_pending_error(self) -> None:
+        with self._lock:
+            err = self._errors.popleft() if self._errors else None
+        if err is not None:
+            raise err
+
+    def _record_error(self, err: HotweightsError) -> None:
+        self._errors.append(err)
+        self._cond.notify_all()
+
+    # ---------------------------------------------------------------- transport callbacks
+    def on_connected(self, info: dict[str, Any]) -> None:
+        with self._lock:
+            self._ever_connected = True
+            self._lost_reason = None
+            self._cond.notify_all()
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        with self._lock:
+            if self._closed:
+                return
+            if op == "welcome":
+                self._session = msg["session"]
+            elif op == "begin":
+                self._begin(msg)
+            elif op == "end":
+                self._end(msg)
+            elif op == "commit":
+                self._commit(msg["version"])
+            elif op == "abort":
+                st = self._staging
+                if st is not None and st.version == msg["version"]:
+                    log.info("version %d aborted by the publisher: %s", st.version, msg["reason"][:300])
+                    self._discard()
+
+    def on_bucket(self, version: int, index: int, data: memoryview) -> None:
+        with self._lock:
+            st = self._staging
+            if st is None or st.version != version or self._staging_error is not None:
+                return
+            try:
+                header = decode_bucket(data, max_header_bytes=self.config.max_message_bytes)
+                st.add_bucket(header, data, self._resolve if self._check else None)
+            except HotweightsError as exc:
+                self._staging_error = exc
+
+    def on_bucket_failed(self, version: int, index: int, error: Exception) -> None:
+        with self._lock:
+            st = self._staging
+            if st is not None and st.version == version and self._staging_error is None:
+                self._staging_error = WireFormatError(f"bucket {index} of version {version}: {error}")
+
+    def on_lost(self, reason: str) -> None:
+        with self._lock:
+            self._lost_reason = reason
+            if self._staging is not None:
+                log.info("publisher lost during version %d; discarding it (live version stays %d)",
+                         self._staging.version, self._live_version)
+                self._staging = None
+                self._staging_error = None
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- protocol steps (lock held)
+    def _hello(self) -> dict[str, Any]:
+        return {"op": "hello", "receiver_id": self.receiver_id, "pid": os.getpid(),
+                "live_version": self._live_version}
+
+    def _begin(self, msg: dict[str, Any]) -> None:
+        if self._staging is not None:
+            self._discard()
+        step = msg.get("step")
+        self._staging = StagedVersion(msg["version"], msg["session"], step if isinstance(step, int) else None)
+        self._staging_error = None
+
+    def _end(self, msg: dict[str, Any]) -> None:
+        st = self._staging
+        if st is None or st.version != msg["version"]:
+            return
+        err = self._staging_error
+        if err is None:
+            try:
+                st.finalize(msg["n_buckets"], msg["digest"])
+            except HotweightsError as exc:
+                err = exc
+        if err is not None:
+            nack: dict[str, Any] = {"op": "nack", "version": st.version, "error": type(err).__name__,
+                                    "message": str(err)[:4000]}
+            if isinstance(err, ManifestMismatchError):
+                nack["problems"] = err.problems
+            log.error("rejecting version %d: %s", st.version, err)
+            self._record_error(err)
+            self._discard()
+            self._send(nack)
+            return
+        self._send({"op": "staged", "version": st.version})
+
+    def _commit(self, version: int) -> None:
+        st = self._staging
+        if st is None or st.version != version or not st.complete:
+            return
+        self._staging = None
+        if st.session == self._live_session and version <= self._live_version:
+            self._release(st)  # a catch-up of what we already run
+            return
+        if self._pending is not None:
+            self._release(self._pending)  # superseded before it was applied
+        self._pending = st
+        self._cond.notify_all()
+
+    def _discard(self) -> None:
+        st, self._staging = self._staging, None
+        self._staging_error = None
+        if st is not None:
+            self._release(st)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self._tx.send(msg)
+        except HotweightsError as exc:
+            log.info("could not send %r to the publisher: %s", msg["op"], exc)

@@ -1,0 +1,185 @@
+"""The transport contract: how buckets and control messages move between one publisher and its receivers.
+
+The engine (``publisher.py`` / ``receiver.py``) owns versions, checksums, the two-phase commit and
+applying weights. A transport only moves opaque bucket blobs and small control messages, so every
+transport gets the same guarantees for free. The lifecycle, and which side calls what:
+
+1. **Rendezvous.** The publisher engine calls ``PublisherTransport.start(handler)``; the transport
+   binds/listens/joins its group and from then on calls ``handler.on_join(rid, hello)`` for every
+   receiver that connects (late joiners included), ``handler.on_message(rid, msg)`` for every control
+   message a receiver sends, ``handler.on_lost(rid, reason)`` when one goes away and
+   ``handler.on_tick()`` about every ``TICK_S`` seconds. Each receiver engine calls
+   ``ReceiverTransport.start(handler, hello)``; the transport connects in the background (retrying,
+   so receivers may start before the publisher), sends ``hello()`` on every (re)connect and calls
+   ``handler.on_connected()`` / ``on_message(msg)`` / ``on_bucket(...)`` / ``on_lost(reason)``.
+2. **Announce a version.** The publisher engine calls ``send(to, {"op": "begin", ...})``.
+3. **Move buckets.** For each bucket the publisher engine calls ``alloc(nbytes)`` to get a writable
+   buffer, packs the bucket into ``buf.mem`` and calls ``post(to, version, index, buf)``. ``post`` may
+   return before the bytes have arrived (pipelining), but must respect the in-flight window and never
+   block past ``config.timeout_s``. On the receiver, the transport calls
+   ``handler.on_bucket(version, index, data)`` with the bucket bytes, in posting order per receiver
+   (or ``handler.on_bucket_failed(version, index, error)`` when the bytes could not be obtained).
+   ``data`` stays valid until the receiver engine sends ``release`` for that version (zero-copy
+   transports hand out views of shared memory; the others hand over a private buffer).
+4. **Ack.** The publisher engine sends ``end``; each receiver engine verifies every bucket and replies
+   with ``send({"op": "staged"})`` or ``send({"op": "nack", ...})``.
+5. **Commit.** Once every receiver of the version has staged, the publisher engine sends ``commit``
+   (or ``abort``). Receivers apply a committed version when their owner calls ``poll``, then send
+   ``release``. The publisher engine calls ``recycle(buf)`` for buffers nobody references any more.
+6. **Close.** ``close()`` on either side ends it; peers see ``on_lost``. ``drop(rid, reason)`` lets the
+   publisher engine evict one receiver (e.g. one that missed a deadline).
+
+Must implement: ``start``, ``alloc``, ``post``, ``send``, ``recycle``, ``drop``, ``close`` (publisher)
+and ``start``, ``send``, ``close`` (receiver). Optional: ``stats``.
+
+Threading: handler callbacks run on the transport's own thread; ``send``/``post`` may be called from
+the training thread at the same time and must be thread-safe. No call may block forever: every wait
+takes its deadline from ``config.timeout_s``.
+
+Capabilities are class attributes: ``zero_copy`` (receivers read the publisher's buffer directly),
+``multi_receiver`` (one publisher feeds several receivers), ``cross_host`` (peers on other hosts),
+``addressable`` (``to`` may name a subset of receivers, which late-join catch-up needs).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
+
+from ..config import SyncConfig
+from .endpoint import Endpoint
+
+TICK_S = 0.2
+
+
+class PublisherHandler(Protocol):
+    """Implemented by the publisher engine; called from the transport's thread."""
+
+    def on_join(self, rid: str, hello: dict[str, Any]) -> None: ...
+
+    def on_message(self, rid: str, msg: dict[str, Any]) -> None: ...
+
+    def on_lost(self, rid: str, reason: str) -> None: ...
+
+    def on_tick(self) -> None: ...
+
+
+class ReceiverHandler(Protocol):
+    """Implemented by the receiver engine; called from the transport's thread."""
+
+    def on_connected(self, info: dict[str, Any]) -> None: ...
+
+    def on_message(self, msg: dict[str, Any]) -> None: ...
+
+    def on_bucket(self, version: int, index: int, data: memoryview) -> None: ...
+
+    def on_bucket_failed(self, version: int, index: int, error: Exception) -> None: ...
+
+    def on_lost(self, reason: str) -> None: ...
+
+
+@dataclass
+class BucketBuffer:
+    """A writable buffer the publisher packs one bucket into.
+
+    ``handle`` names it for the receivers (an shm segment name, a CUDA-IPC handle, or an index for
+    transports that copy). ``length`` is set by the engine once packed.
+    """
+
+    mem: memoryview
+    handle: str
+    capacity: int
+    length: int = 0
+    owner: Any = None
+
+
+@dataclass
+class TransportStats:
+    """Measured counters; every value comes from real transfers."""
+
+    bytes_posted: int = 0
+    buckets_posted: int = 0
+    seconds_posting: float = 0.0
+    retries: int = 0
+    inflight_buckets: int = 0
+    inflight_bytes: int = 0
+    inflight_buckets_high: int = 0
+    inflight_bytes_high: int = 0
+    window: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class PublisherTransport(abc.ABC):
+    name: ClassVar[str] = "?"
+    zero_copy: ClassVar[bool] = False
+    multi_receiver: ClassVar[bool] = True
+    cross_host: ClassVar[bool] = False
+    addressable: ClassVar[bool] = True
+
+    def __init__(self, endpoint: Endpoint, config: SyncConfig):
+        self.endpoint = endpoint
+        self.config = config
+
+    @abc.abstractmethod
+    def start(self, handler: PublisherHandler) -> None:
+        """Rendezvous. Returns once receivers can connect; joins are reported via the handler."""
+
+    @abc.abstractmethod
+    def alloc(self, nbytes: int) -> BucketBuffer:
+        """A buffer of at least ``nbytes`` to pack a bucket into (may wait for a free one, bounded)."""
+
+    @abc.abstractmethod
+    def post(self, to: Sequence[str], version: int, index: int, buf: BucketBuffer) -> None:
+        """Make bucket ``index`` of ``version`` (``buf.mem[:buf.length]``) reach receivers ``to``."""
+
+    @abc.abstractmethod
+    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
+        """Send a control message; returns the receivers it could not reach (they are reported lost)."""
+
+    @abc.abstractmethod
+    def recycle(self, buf: BucketBuffer) -> None:
+        """No receiver references ``buf`` any more; it may be reused or freed."""
+
+    @abc.abstractmethod
+    def drop(self, rid: str, reason: str) -> None:
+        """Disconnect one receiver (eviction); its ``on_lost`` follows."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop, disconnect every receiver and free every buffer. Idempotent."""
+
+    def stats(self) -> TransportStats:
+        return TransportStats()
+
+    def describe(self) -> dict[str, Any]:
+        return {"transport": self.name, "endpoint": str(self.endpoint), "zero_copy": self.zero_copy,
+                "multi_receiver": self.multi_receiver, "cross_host": self.cross_host}
+
+
+class ReceiverTransport(abc.ABC):
+    name: ClassVar[str] = "?"
+
+    def __init__(self, endpoint: Endpoint, config: SyncConfig):
+        self.endpoint = endpoint
+        self.config = config
+
+    @abc.abstractmethod
+    def start(self, handler: ReceiverHandler, hello: Callable[[], dict[str, Any]]) -> None:
+        """Connect in the background (retrying until closed); send ``hello()`` on every connect."""
+
+    @abc.abstractmethod
+    def send(self, msg: dict[str, Any]) -> None:
+        """Send a control message to the publisher (raises PeerLostError when disconnected)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Disconnect and stop the background thread. Idempotent."""
+
+    @property
+    def connected(self) -> bool:
+        return False
+
+
+__all__ = ["PublisherTransport", "ReceiverTransport", "PublisherHandler", "ReceiverHandler",
+           "BucketBuffer", "TransportStats", "TICK_S", "Optional"]

@@ -1,0 +1,339 @@
+"""``shm://NAME``: the embedded default. POSIX shared memory carries the bytes, a Unix socket the protocol.
+
+The publisher packs each bucket straight into a shared-memory block; receivers map the block
+read-only and verify and stage it in place, so a bucket crosses memory once on the way in and once
+when it is applied (zero-copy staging). One block holds one bucket; blocks are pre-faulted once and
+reused across versions, because first-touch page faults are many times slower than a copy.
+
+A block is reused only after every receiver released the version that used it and that version is
+no longer the current one (late joiners read the current version from its blocks). Block names embed
+the publisher's pid (``hwt.NAME.PID.SEQ``): a new publisher, or a receiver that saw its publisher
+die, unlinks blocks of dead publishers, so SIGKILL leaves nothing behind in ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+from ..config import SyncConfig
+from ..errors import EndpointError, SyncTimeoutError, TransportUnavailableError, WireFormatError
+from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
+                   ReceiverTransport, TransportStats)
+from .control_channel import ControlClient, ControlServer
+from .endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+try:
+    import _posixshmem  # CPython's shm_open/shm_unlink, without multiprocessing's resource tracker
+except ImportError:  # pragma: no cover - non-POSIX platforms
+    _posixshmem = None
+
+_SHM_DIR = "/dev/shm"
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_BLOCK_ALIGN = 2 << 20
+
+
+def _require_posix() -> None:
+    if _posixshmem is None:
+        raise TransportUnavailableError("the shm transport needs POSIX shared memory (Linux or macOS)")
+
+
+def block_prefix(name: str) -> str:
+    return f"hwt.{name}."
+
+
+def control_address(name: str) -> str | bytes:
+    """Where the publisher listens: an abstract Unix socket on Linux (no file to clean up)."""
+    if sys.platform.startswith("linux"):
+        return f"\0hotweights-shm/{name}"
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"hotweights-{name}.sock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale_blocks(name: str) -> list[str]:
+    """Unlink shm blocks of ``shm://name`` whose publisher process no longer exists."""
+    if _posixshmem is None or not os.path.isdir(_SHM_DIR):
+        return []
+    prefix = block_prefix(name)
+    removed = []
+    for entry in os.listdir(_SHM_DIR):
+        if not entry.startswith(prefix):
+            continue
+        parts = entry[len(prefix):].split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or _pid_alive(int(parts[0])):
+            continue
+        try:
+            _posixshmem.shm_unlink("/" + entry)
+            removed.append(entry)
+        except FileNotFoundError:
+            pass  # someone else cleaned it first
+    if removed:
+        log.info("removed %d shared-memory block(s) left by dead publishers of shm://%s", len(removed), name)
+    return removed
+
+
+class _Block:
+    """One shared-memory block, created, pre-faulted and mapped read-write by the publisher."""
+
+    def __init__(self, shm_name: str, size: int):
+        self.shm_name = shm_name
+        self.size = size
+        fd = _posixshmem.shm_open("/" + shm_name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                _posixshmem.shm_unlink("/" + shm_name)
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise TransportUnavailableError(
+                        f"/dev/shm has no room for a {size >> 20} MiB block: {exc}. Free space there, "
+                        "or lower HOTWEIGHTS_BUCKET_MB") from None
+                raise
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            self.mm.madvise(_MADV_POPULATE_WRITE)
+        except OSError:
+            # Older kernels: touch one byte per page so later copies don't pay first-touch faults.
+            view = memoryview(self.mm)
+            for off in range(0, size, mmap.PAGESIZE):
+                view[off] = 0
+            view.release()
+        self.mem = memoryview(self.mm)
+
+    def destroy(self) -> None:
+        try:
+            _posixshmem.shm_unlink("/" + self.shm_name)
+        except FileNotFoundError:
+            pass  # already unlinked by a cleanup
+        self.mem.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes when it does
+
+
+class ShmPublisher(PublisherTransport):
+    name: ClassVar[str] = "shm"
+    zero_copy: ClassVar[bool] = True
+    multi_receiver: ClassVar[bool] = True
+    cross_host: ClassVar[bool] = False
+    addressable: ClassVar[bool] = True
+
+    def __init__(self, endpoint: Endpoint, config: SyncConfig):
+        _require_posix()
+        if endpoint.scheme != "shm":
+            raise EndpointError(f"the shm transport needs an shm://NAME endpoint, got {endpoint}")
+        super().__init__(endpoint, config)
+        self._seq = 0
+        self._free: list[_Block] = []
+        self._all: dict[str, _Block] = {}
+        self._lock = threading.Condition()
+        self._server: Optional[ControlServer] = None
+        self._stats = TransportStats()
+        self._in_use_bytes = 0
+
+    def start(self, handler: PublisherHandler) -> None:
+        cleanup_stale_blocks(self.endpoint.name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = control_address(self.endpoint.name)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise EndpointError(
+                    f"another publisher already serves {self.endpoint}; use another name or close it") from None
+            raise
+        sock.listen(128)
+        self._server = ControlServer(sock, handler=handler, timeout_s=self.config.timeout_s,
+                                     max_message_bytes=self.config.max_message_bytes,
+                                     name=self.endpoint.name)
+        self._server.start()
+
+    def alloc(self, nbytes: int) -> BucketBuffer:
+        with self._lock:
+            fits = [b for b in self._free if b.size >= nbytes]
+            if fits:
+                block = min(fits, key=lambda b: b.size)
+                self._free.remove(block)
+            else:
+                size = max(nbytes, self.config.bucket_bytes + (1 << 20))
+                size = -(-size // _BLOCK_ALIGN) * _BLOCK_ALIGN
+                self._seq += 1
+                shm_name = f"{block_prefix(self.endpoint.name)}{os.getpid()}.{self._seq}"
+                block = _Block(shm_name, size)
+                self._all[shm_name] = block
+                log.debug("created shm block %s (%d MiB)", shm_name, size >> 20)
+            self._in_use_bytes += block.size
+            self._stats.inflight_buckets = len(self._all) - len(self._free)
+            self._stats.inflight_bytes = self._in_use_bytes
+            self._stats.inflight_buckets_high = max(self._stats.inflight_buckets_high,
+                                                    self._stats.inflight_buckets)
+            self._stats.inflight_bytes_high = max(self._stats.inflight_bytes_high, self._in_use_bytes)
+        return BucketBuffer(mem=block.mem, handle=block.shm_name, capacity=block.size, owner=block)
+
+    def post(self, to: Sequence[str], version: int, index: int, buf: BucketBuffer) -> None:
+        t0 = time.perf_counter()
+        msg = {"op": "bucket", "version": version, "index": index, "handle": buf.handle, "offset": 0,
+               "length": buf.length}
+        self.send(to, msg)
+        self._stats.bytes_posted += buf.length
+        self._stats.buckets_posted += 1
+        self._stats.seconds_posting += time.perf_counter() - t0
+
+    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
+        server = self._server
+        if server is None:
+            return list(to)
+        return [rid for rid in to if not server.send(rid, msg)]
+
+    def recycle(self, buf: BucketBuffer) -> None:
+        block = buf.owner
+        with self._lock:
+            if block.shm_name in self._all and block not in self._free:
+                self._free.append(block)
+                self._in_use_bytes -= block.size
+                self._stats.inflight_buckets = len(self._all) - len(self._free)
+                self._stats.inflight_bytes = self._in_use_bytes
+                self._lock.notify_all()
+
+    def drop(self, rid: str, reason: str) -> None:
+        if self._server is not None:
+            self._server.drop(rid, reason)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._lock:
+            for block in self._all.values():
+                block.destroy()
+            self._all.clear()
+            self._free.clear()
+
+    def stats(self) -> TransportStats:
+        return self._stats
+
+
+_HANDLE = re.compile(r"^hwt\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<seq>\d+)$")
+
+
+class ShmReceiver(ReceiverTransport):
+    name: ClassVar[str] = "shm"
+
+    def __init__(self, endpoint: Endpoint, config: SyncConfig):
+        _require_posix()
+        if endpoint.scheme != "shm":
+            raise EndpointError(f"the shm transport needs an shm://NAME endpoint, got {endpoint}")
+        super().__init__(endpoint, config)
+        self._maps: dict[str, memoryview] = {}
+        self._client: Optional[ControlClient] = None
+        self._handler: Optional[ReceiverHandler] = None
+        self._publisher_pid: Optional[int] = None
+
+    def start(self, handler: ReceiverHandler, hello: Callable[[], dict[str, Any]]) -> None:
+        self._handler = handler
+        address = control_address(self.endpoint.name)
+
+        def connect() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.config.timeout_s)
+            try:
+                s.connect(address)
+            except OSError:
+                s.close()
+                raise
+            return s
+
+        self._client = ControlClient(
+            connect, hello=hello, on_connected=lambda: handler.on_connected({}),
+            on_frame=self._on_frame, on_lost=self._on_lost, timeout_s=self.config.timeout_s,
+            max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
+        self._client.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._client is None:
+            raise SyncTimeoutError("receiver transport not started")
+        self._client.send(msg)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._maps.clear()
+
+    # ---------------------------------------------------------------- frames from the publisher
+    def _on_frame(self, msg: dict[str, Any]) -> None:
+        assert self._handler is not None
+        op = msg["op"]
+        if op == "welcome":
+            self._publisher_pid = msg["pid"]
+        if op == "bucket":
+            try:
+                data = self._view(msg["handle"], msg["offset"], msg["length"])
+            except (WireFormatError, OSError) as exc:
+                self._handler.on_bucket_failed(msg["version"], msg["index"], exc)
+                return
+            self._handler.on_bucket(msg["version"], msg["index"], data)
+            return
+        if op == "drop":
+            for handle in msg["handles"]:
+                if isinstance(handle, str):
+                    self._maps.pop(handle, None)
+            return
+        self._handler.on_message(msg)
+
+    def _on_lost(self, reason: str) -> None:
+        # Drop our references; views the engine still holds keep their mapping alive until released.
+        self._maps.clear()
+        pid = self._publisher_pid
+        if pid is not None and not _pid_alive(pid):
+            cleanup_stale_blocks(self.endpoint.name)
+        if self._handler is not None:
+            self._handler.on_lost(reason)
+
+    def _view(self, handle: str, offset: int, length: int) -> memoryview:
+        m = _HANDLE.match(handle)
+        if m is None or m.group("name") != self.endpoint.name:
+            raise WireFormatError(f"bucket handle {handle!r} does not belong to {self.endpoint}")
+        mem = self._maps.get(handle)
+        if mem is None:
+            fd = _posixshmem.shm_open("/" + handle, os.O_RDONLY, 0)
+            try:
+                size = os.fstat(fd).st_size
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            mem = memoryview(mm)
+            self._maps[handle] = mem
+        if offset + length > len(mem):
+            raise WireFormatError(f"bucket range {offset}+{length} exceeds block {handle} ({len(mem)} bytes)")
+        return mem[offset:offset + length]

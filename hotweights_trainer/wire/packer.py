@@ -1,0 +1,102 @@
+"""Bucket planning and packing: ``(name, tensor)`` pairs -> flat, checksummed buckets.
+
+The planner groups tensors into buckets of at most ``bucket_bytes`` of payload and splits tensors
+that are larger than one bucket into element ranges, so any model moves in a handful of large
+transfers. Packing copies (and, with ``send_dtype``, casts) each tensor straight into the transport's
+buffer: one pass over the bytes, no intermediate copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from .bucket import ALIGN, Entry, header_size, layout_payload, seal, write_header
+from .dtypes import dtype_code, itemsize
+
+
+@dataclass
+class PlannedBucket:
+    """Entries (with payload offsets) plus the source tensors they are cut from."""
+
+    entries: list[Entry]
+    sources: list[torch.Tensor]
+    header_len: int
+    payload_len: int
+
+    @property
+    def total_len(self) -> int:
+        return self.header_len + self.payload_len
+
+
+def wire_tensor(t: torch.Tensor, send_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.dtype]:
+    """The tensor to read from (contiguous) and the dtype it travels in."""
+    dtype = send_dtype if (send_dtype is not None and t.is_floating_point()) else t.dtype
+    dtype_code(dtype)  # fail early, with the supported list, on an unsendable dtype
+    return t, dtype
+
+
+def plan_buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 send_dtype: Optional[torch.dtype] = None) -> Iterator[PlannedBucket]:
+    """Group tensors into buckets; tensors larger than a bucket are split across buckets."""
+    entries: list[Entry] = []
+    sources: list[torch.Tensor] = []
+    used = 0
+
+    def flush() -> PlannedBucket:
+        laid, plen = layout_payload(entries)
+        return PlannedBucket(laid, list(sources), header_size(laid), plen)
+
+    for name, tensor in items:
+        src, dtype = wire_tensor(tensor, send_dtype)
+        shape = tuple(src.shape)
+        numel = src.numel()
+        isz = itemsize(dtype)
+        if not src.is_contiguous() and numel * isz > bucket_bytes:
+            src = src.contiguous()  # once, not once per slice
+        start = 0
+        while True:
+            room = bucket_bytes - used
+            count = numel - start
+            if count * isz > room:
+                if entries and count * isz <= bucket_bytes:
+                    # Whole rest fits an empty bucket: don't cut it, start a new bucket.
+                    yield flush()
+                    entries, sources, used = [], [], 0
+                    continue
+                count = max(room // isz, 0)
+                if count == 0:
+                    yield flush()
+                    entries, sources, used = [], [], 0
+                    continue
+            entries.append(Entry(name, dtype, shape, start, count))
+            sources.append(src)
+            used += -(-(count * isz) // ALIGN) * ALIGN
+            start += count
+            if start >= numel:
+                break
+        if used >= bucket_bytes:
+            yield flush()
+            entries, sources, used = [], [], 0
+    if entries:
+        yield flush()
+
+
+def pack_into(buf: memoryview, plan: PlannedBucket, *, version: int, index: int, session: int) -> int:
+    """Write header and payload of ``plan`` into ``buf`` and seal it; returns the bucket length."""
+    hlen = write_header(buf, version=version, index=index, session=session, entries=plan.entries,
+                        payload_len=plan.payload_len)
+    for entry, src in zip(plan.entries, plan.sources):
+        if entry.elem_count == 0:
+            continue
+        dst = torch.frombuffer(buf, dtype=torch.uint8, count=entry.payload_nbytes,
+                               offset=hlen + entry.payload_off).view(entry.dtype)
+        flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
+        dst.copy_(flat[entry.elem_start:entry.elem_start + entry.elem_count])
+    seal(buf[:hlen + plan.payload_len])
+    return hlen + plan.payload_len
+
+
+BufferFactory = Callable[[int], memoryview]
