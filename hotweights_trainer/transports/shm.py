@@ -180,7 +180,10 @@ class ShmPublisher(PublisherTransport):
                 block = min(fits, key=lambda b: b.size)
                 self._free.remove(block)
             else:
-                size = max(nbytes, self.config.bucket_bytes + (1 << 20))
+                # Full-size blocks are interchangeable; small ones (a version's last bucket, a
+                # small model) stay small so a tiny model does not pre-fault whole buckets.
+                full = self.config.bucket_bytes + (1 << 20)
+                size = full if full >= nbytes >= self.config.bucket_bytes // 2 else nbytes
                 size = -(-size // _BLOCK_ALIGN) * _BLOCK_ALIGN
                 self._seq += 1
                 shm_name = f"{block_prefix(self.endpoint.name)}{os.getpid()}.{self._seq}"
