@@ -100,7 +100,7 @@ class DemoSummary:
 
 def run_demo(*, steps: int = 10, endpoint: Optional[str] = None, timeout_s: float = 60.0,
              emit: Callable[[DemoRow], None] = lambda row: None) -> DemoSummary:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from .integrations.hf_trainer import HotweightsCallback
     from .verify import combined_digest, weights_digest
@@ -154,6 +154,7 @@ def run_demo(*, steps: int = 10, endpoint: Optional[str] = None, timeout_s: floa
                              learning_rate=3e-3, logging_strategy="no", save_strategy="no",
                              disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[sync, Report()])
+    trainer.remove_callback(PrinterCallback)  # our rows are the output; keep stdout clean for --json
     try:
         trainer.train()
     except HotweightsError as exc:

@@ -73,9 +73,3 @@ def run_python(code_or_args, *, timeout: float = 120, env: dict | None = None, c
 def endpoint() -> str:
     """A fresh shm:// endpoint name per test."""
     return f"shm://t-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_shm(request):
-    """Every test must leave /dev/shm without blocks of its own endpoints' live publishers."""
-    yield

@@ -68,7 +68,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process that nobody reaped yet is a zombie: dead for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def cleanup_stale_blocks(name: str) -> list[str]:
@@ -268,6 +272,7 @@ class ShmReceiver(ReceiverTransport):
                 s.connect(address)
             except OSError:
                 s.close()
+                self._cleanup_if_publisher_dead()
                 raise
             return s
 
@@ -316,11 +321,15 @@ class ShmReceiver(ReceiverTransport):
     def _on_lost(self, reason: str) -> None:
         # Drop our references; views the engine still holds keep their mapping alive until released.
         self._maps.clear()
+        self._cleanup_if_publisher_dead()
+        if self._handler is not None:
+            self._handler.on_lost(reason)
+
+    def _cleanup_if_publisher_dead(self) -> None:
         pid = self._publisher_pid
         if pid is not None and not _pid_alive(pid):
             cleanup_stale_blocks(self.endpoint.name)
-        if self._handler is not None:
-            self._handler.on_lost(reason)
+            self._publisher_pid = None
 
     def _view(self, handle: str, offset: int, length: int) -> memoryview:
         m = _HANDLE.match(handle)
