@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import metrics
 from .config import SyncConfig
 from .errors import (ClosedError, CorruptBucketError, HotweightsError, ManifestMismatchError,
                      SyncTimeoutError, VersionAbortedError, WireFormatError)
@@ -112,6 +113,8 @@ class WeightPublisher:
         self.last_result: Optional[PublishResult] = None
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
         self._tx.start(self)
+        self._ep = str(self.endpoint)
+        metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         log.info("publisher on %s (transport %s, bucket %d MiB)", self.endpoint, self._tx.name,
                  self.config.bucket_mb)
 
@@ -195,9 +198,9 @@ class WeightPublisher:
         manifest = ManifestBuilder()
         nbytes = 0
         t_pack = 0.0
+        gather = _Timed(iter_source(source, self.name_map))
         try:
-            for index, plan in enumerate(plan_buckets(iter_source(source, self.name_map),
-                                                      cfg.bucket_bytes, cfg.torch_send_dtype)):
+            for index, plan in enumerate(plan_buckets(gather, cfg.bucket_bytes, cfg.torch_send_dtype)):
                 tp = time.perf_counter()
                 buf = self._tx.alloc(plan.total_len)
                 with self._lock:
@@ -218,6 +221,7 @@ class WeightPublisher:
             self._wait_staged(rec)
         except BaseException as exc:
             self._abort(rec, f"{type(exc).__name__}: {exc}")
+            metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
         t_staged = time.perf_counter()
         with self._lock:
@@ -235,8 +239,14 @@ class WeightPublisher:
         result = PublishResult(
             version=version, bytes_sent=nbytes, tensors_sent=len(manifest), seconds=t1 - t0,
             buckets=len(rec.buffers), receivers=len(rec.staged), dense_bytes=nbytes, step=step,
-            phases={"encode": t_pack, "transfer": t_sent - t0 - t_pack, "commit": t1 - t_sent,
+            phases={"gather": gather.seconds, "encode": t_pack,
+                    "transfer": max(t_sent - t0 - t_pack - gather.seconds, 0.0), "commit": t1 - t_sent,
                     "wait_staged": t_staged - t_sent})
+        for phase in ("gather", "encode", "transfer", "commit"):
+            metrics.SYNC_SECONDS.labels(self._ep, phase).observe(result.phases[phase])
+        metrics.BYTES.labels(self._ep).inc(nbytes)
+        metrics.DENSE_BYTES.labels(self._ep).inc(result.dense_bytes)
+        metrics.PUBLISHER_VERSION.labels(self._ep).set(version)
         self.last_result = result
         log.debug("published version %d: %d tensors, %.1f MB, %d receivers, %.1f ms", version,
                   result.tensors_sent, nbytes / 1e6, result.receivers, result.seconds * 1e3)
@@ -307,6 +317,7 @@ class WeightPublisher:
         with self._lock:
             live = hello["live_version"]
             self._receivers[rid] = _Receiver(rid, hello["pid"], live, time.monotonic())
+            metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
             if live >= self._next_version:
                 # A restarted publisher continues numbering above what receivers already run.
                 log.info("receiver %s runs version %d; continuing numbering from %d", rid, live, live + 1)
@@ -345,6 +356,7 @@ class WeightPublisher:
     def on_lost(self, rid: str, reason: str) -> None:
         with self._lock:
             self._receivers.pop(rid, None)
+            metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
             for rec in list(self._versions.values()):
                 rec.holders.discard(rid)
                 rec.catchup.pop(rid, None)
@@ -374,3 +386,21 @@ class WeightPublisher:
         for index, buf in enumerate(rec.buffers):
             self._tx.post([rid], rec.version, index, buf)
         self._tx.send([rid], rec.end)
+
+
+class _Timed:
+    """Wraps the source iterator to measure the time spent producing tensors (the gather phase)."""
+
+    def __init__(self, it: Any):
+        self._it = iter(it)
+        self.seconds = 0.0
+
+    def __iter__(self) -> "_Timed":
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.seconds += time.perf_counter() - t

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import metrics
 from .config import SyncConfig
 from .errors import (ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
                      SyncTimeoutError, WireFormatError)
@@ -76,6 +77,9 @@ class WeightReceiver:
         self.last_apply_seconds = 0.0
         self.last_apply_bytes = 0
         self.versions_applied = 0
+        self._announced = 0
+        self._ep = str(self.endpoint)
+        metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._tx = create_receiver_transport(self.endpoint, self.config)
         self._tx.start(self, self._hello)
 
@@ -179,6 +183,9 @@ class WeightReceiver:
             self.last_apply_seconds = dt
             self.last_apply_bytes = nbytes
             self.versions_applied += 1
+        metrics.SYNC_SECONDS.labels(self._ep, "apply").observe(dt)
+        metrics.RECEIVER_VERSION.labels(self._ep, self.receiver_id).set(staged.version)
+        metrics.VERSION_LAG.labels(self._ep, self.receiver_id).set(max(self._announced - staged.version, 0))
         log.debug("applied version %d (%.1f MB in %.2f ms)", staged.version, nbytes / 1e6, dt * 1e3)
 
     def _release(self, staged: StagedVersion) -> None:
@@ -195,6 +202,7 @@ class WeightReceiver:
             raise err
 
     def _record_error(self, err: HotweightsError) -> None:
+        metrics.ERRORS.labels(self._ep, type(err).__name__).inc()
         self._errors.append(err)
         self._cond.notify_all()
 
@@ -260,6 +268,8 @@ class WeightReceiver:
         if self._staging is not None:
             self._discard()
         step = msg.get("step")
+        self._announced = max(self._announced, msg["version"])
+        metrics.VERSION_LAG.labels(self._ep, self.receiver_id).set(self._announced - self._live_version)
         self._staging = StagedVersion(msg["version"], msg["session"], step if isinstance(step, int) else None)
         self._staging_error = None
 

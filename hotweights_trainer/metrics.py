@@ -1,0 +1,75 @@
+"""Prometheus metrics: one registry per process, measured values only.
+
+Every metric is created once per process, in this module, on a private ``CollectorRegistry`` (never
+the global default), so creating a second publisher or receiver never fails with a duplicate
+registration, and importing the library never pollutes an application's own registry. Instances tell
+themselves apart with an ``endpoint`` label.
+
+``SyncConfig.metrics_port`` (``HOTWEIGHTS_METRICS_PORT``) starts an HTTP exporter on
+``metrics_host`` (loopback by default); :func:`snapshot` returns the current values as a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+SYNC_SECONDS = Histogram(
+    "hotweights_sync_seconds", "Seconds spent per sync phase (gather, encode, transfer, commit, apply)",
+    ["endpoint", "phase"], buckets=PHASE_BUCKETS, registry=REGISTRY)
+BYTES = Counter("hotweights_bytes", "Bytes actually sent (payload plus headers)", ["endpoint"],
+                registry=REGISTRY)
+DENSE_BYTES = Counter("hotweights_dense_bytes", "Bytes a dense (non-delta) send of the same tensors takes",
+                      ["endpoint"], registry=REGISTRY)
+PUBLISHER_VERSION = Gauge("hotweights_publisher_version", "Last version committed by the publisher",
+                          ["endpoint"], registry=REGISTRY)
+RECEIVER_VERSION = Gauge("hotweights_receiver_version", "Version live on this receiver",
+                         ["endpoint", "receiver"], registry=REGISTRY)
+VERSION_LAG = Gauge("hotweights_version_lag",
+                    "Versions this receiver is behind the newest version it has seen announced",
+                    ["endpoint", "receiver"], registry=REGISTRY)
+ERRORS = Counter("hotweights_errors", "Errors by kind (exception class)", ["endpoint", "kind"],
+                 registry=REGISTRY)
+RECEIVERS = Gauge("hotweights_receivers", "Receivers connected to this publisher", ["endpoint"],
+                  registry=REGISTRY)
+
+_server_lock = threading.Lock()
+_servers: dict[tuple[str, int], Any] = {}
+
+
+def start_exporter(port: int, host: str = "127.0.0.1") -> Optional[int]:
+    """Serve this process's registry over HTTP; idempotent per (host, port). 0 means off."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    with _server_lock:
+        if (host, port) not in _servers:
+            _servers[(host, port)] = start_http_server(port, addr=host, registry=REGISTRY)
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+    return port
+
+
+def exposition() -> bytes:
+    """The registry in Prometheus text format."""
+    return generate_latest(REGISTRY)
+
+
+def snapshot() -> dict[str, float]:
+    """Every sample as ``{'name{label="v",...}': value}``."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition().decode()):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
