@@ -191,6 +191,9 @@ class WeightPublisher:
             rec = _Version(version, step)
             rec.quorum = set(self._receivers)
             rec.holders = set(rec.quorum)
+            for other in self._versions.values():
+                for rid in rec.quorum:  # this version supersedes any catch-up still in flight
+                    other.catchup.pop(rid, None)
             self._versions[version] = rec
             self._current = rec
             self._send(rec.quorum, {"op": "begin", "version": version, "session": self.session,
