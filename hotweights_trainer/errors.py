@@ -92,6 +92,10 @@ class KVMigrationError(HotweightsError, ValueError):
     """A KV-cache transform cannot be applied; the cache was left untouched."""
 
 
+class KVCacheError(HotweightsError, TypeError):
+    """An object cannot be registered or handled as a KV cache (wrong type, shape or axes)."""
+
+
 class OptimizerPolicyError(HotweightsError, RuntimeError):
     """An optimizer-state policy could not be applied."""
 

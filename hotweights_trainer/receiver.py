@@ -25,6 +25,7 @@ from . import metrics
 from .config import SyncConfig
 from .errors import (ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
                      SyncTimeoutError, WireFormatError)
+from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
 from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver
 from .transports import create_receiver_transport, parse_endpoint
@@ -43,11 +44,14 @@ class WeightReceiver:
     the serving code holds stay valid). ``apply``: a callable taking an iterable of ``(name, tensor)``
     (the shape of vLLM's ``model.load_weights``); the tensors are read-only views valid only during
     the call. With both, ``model`` is used to check the manifest and ``apply`` to load.
+    ``kv_policy`` (default ``config.kv_policy``): what happens to the KV caches registered in
+    ``self.kv`` (a :class:`~hotweights_trainer.kv.KVRegistry`, or ``kv_registry``) at each version.
     """
 
     def __init__(self, endpoint: str, *, model: Optional[torch.nn.Module] = None,
                  apply: Optional[ApplyFn] = None, config: Optional[SyncConfig] = None,
-                 name_map: NameMap = None):
+                 name_map: NameMap = None, kv_policy: "str | KVPolicy | None" = None,
+                 kv_registry: Optional[KVRegistry] = None):
         if model is None and apply is None:
             raise HotweightsError("WeightReceiver needs a model to update or an apply callable")
         self.config = config if config is not None else SyncConfig.from_env()
@@ -74,6 +78,7 @@ class WeightReceiver:
         self._lost_reason: Optional[str] = None
         self._closed = False
         self._apply_hooks: list[Callable[["WeightReceiver", int], None]] = []
+        self.kv = attach_kv_policy(self, kv_policy, kv_registry)  # first hook: caches follow each version
         self.last_apply_seconds = 0.0
         self.last_apply_bytes = 0
         self.versions_applied = 0
