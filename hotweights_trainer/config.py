@@ -228,13 +228,17 @@ class SyncConfig:
 
     # ---------------------------------------------------------------- KV-cache migration
     kv_policy: Literal["drop", "keep", "recompute", "migrate"] = "drop"
-    """What a receiver does with registered KV caches when it applies a version."""
+    """What a receiver does with registered KV caches when it applies a version: ``drop``
+    invalidates them (exact), ``keep`` serves them stale (logged), ``recompute`` re-runs their
+    prefill (exact), ``migrate`` transforms their layout (needs kv_allow_transforms)."""
 
     kv_allow_transforms: bool = False
     """Allow the migrate policy to transform caches (dtype, RoPE, head order)."""
 
     kv_head_map: Optional[str] = None
-    """Inline JSON list: permutation along the cache's head axis."""
+    """Inline JSON list: permutation along the cache's head axis (``new[j] = old[map[j]]``) for
+    caches in the other head order; its length is num_key_value_heads (compact cache) or
+    num_attention_heads (cache with repeated KV heads). Empty derives it from kv_head_order."""
 
     kv_head_map_file: Optional[str] = None
     """Path of a JSON file with the head permutation (instead of kv_head_map)."""

@@ -7,7 +7,8 @@ is orthogonal, so the un-rotated key is recovered exactly:
 
     k = (cos * K - sin * rotate_half(K)) / (cos**2 + sin**2)
 
-and re-rotated with the new module's ``cos``/``sin``. The angles always come from the model's own
+and re-rotated with the new module's ``cos``/``sin``; both steps fold into one rotation whose
+coefficients are computed in float64 (:func:`rotation_change`). The angles always come from the model's own
 rotary module (a frozen copy taken when the cache was registered, and the live one), so every
 ``rope_type`` whose angles depend only on the position is handled the same way. Types whose angles
 depend on the sequence length seen at the time (``dynamic``, ``longrope``) are refused.
@@ -121,26 +122,42 @@ class RopeSnapshot:
         return cos, sin
 
 
+def rotation_change(old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (C, S) with ``new_K = C * K + S * rotate_half(K)``, computed in float64.
+
+    Un-rotating is ``k = a*K - b*J(K)`` with ``a = cos/(cos^2+sin^2)``, ``b = sin/(cos^2+sin^2)`` and
+    ``J = rotate_half``; re-rotating is ``cos'*k + sin'*J(k)``. As ``J(J(x)) = -x`` the two fold into
+    one rotation: ``C = cos'*a + sin'*b``, ``S = sin'*a - cos'*b``.
+    """
+    (cos_o, sin_o), (cos_n, sin_n) = old, new
+    norm = cos_o * cos_o + sin_o * sin_o
+    a, b = cos_o / norm, sin_o / norm
+    return cos_n * a + sin_n * b, sin_n * a - cos_n * b
+
+
 def rerotate_keys(keys: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor],
                   new: tuple[torch.Tensor, torch.Tensor], seq_dim: int) -> torch.Tensor:
-    """Un-rotate ``keys`` with ``old`` (cos, sin) and re-rotate with ``new``; float64 result.
+    """Un-rotate ``keys`` with ``old`` (cos, sin) and re-rotate with ``new``, as one rotation.
 
     ``keys`` has head_dim last and positions ``0..S-1`` along ``seq_dim``. With a partial rotary
-    dimension (``rotary_dim < head_dim``) only the first ``rotary_dim`` features rotate.
+    dimension (``rotary_dim < head_dim``) only the first ``rotary_dim`` features rotate. The
+    coefficients are exact in float64; the rotation runs in float32 (float64 for float64 keys), so
+    the result is within a few units in the last place of the keys' own precision.
     """
-    k = keys.double()
-    rot = old[0].shape[-1]
-    shape = [1] * k.dim()
-    shape[seq_dim], shape[-1] = k.shape[seq_dim], rot
-
-    def bcast(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(shape)
-
-    cos_o, sin_o, cos_n, sin_n = (bcast(t) for t in (*old, *new))
-    head, tail = k[..., :rot], k[..., rot:]
-    raw = (cos_o * head - sin_o * rotate_half(head)) / (cos_o * cos_o + sin_o * sin_o)
-    out = cos_n * raw + sin_n * rotate_half(raw)
-    return torch.cat((out, tail), dim=-1) if tail.shape[-1] else out
+    compute = torch.promote_types(keys.dtype, torch.float32)
+    coef_c, coef_s = rotation_change(old, new)
+    rot = coef_c.shape[-1]
+    shape = [1] * keys.dim()
+    shape[seq_dim], shape[-1] = keys.shape[seq_dim], rot
+    coef_c, coef_s = coef_c.to(compute).reshape(shape), coef_s.to(compute).reshape(shape)
+    k = keys.to(compute)
+    head = k[..., :rot]
+    out = head * coef_c
+    out.addcmul_(rotate_half(head), coef_s)
+    if rot == k.shape[-1]:
+        return out
+    return torch.cat((out, k[..., rot:]), dim=-1)
 
 
 def rope_needs_change(old: Optional[RopeSnapshot], new: Optional[RopeSnapshot]) -> bool:
