@@ -120,5 +120,12 @@ def test_kv_check_as_a_user_runs_it():
     bad = run_python(["-m", "hotweights_trainer", "kv-check", "--heads", "4", "--kv-heads", "2", "--map", "[0,1,2]"],
                      timeout=60, check=False)
     assert bad.returncode == 1 and "3 entries" in bad.stderr
-    usage = run_python(["-m", "hotweights_trainer", "kv-check", "--heads", "4"], timeout=60, check=False)
-    assert usage.returncode == 2 and "--kv-heads" in usage.stderr
+
+
+def test_kv_check_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["kv-check", "--heads", "4"])
+    assert exc.value.code == 2 and "--kv-heads" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["kv-check", "--heads", "4", "--kv-heads", "2", "--map", "[1,0]", "--map-file", "m.json"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -346,3 +346,17 @@ def test_registry_does_not_keep_caches_alive():
     assert ref() is None and entry.cache is None
     assert len(registry) == 0
     assert registry.apply(DropPolicy(), 1).states == {}
+
+
+def test_unsupported_layer_types_are_refused_untouched():
+    from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+    cache = Cache(layers=[DynamicSlidingWindowLayer(sliding_window=4)])
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cache.update(k, v, 0)
+    keys = cache.layers[0].keys
+    with pytest.raises(KVMigrationError, match="DynamicSlidingWindowLayer"):
+        migrate_cache(cache, dtype=torch.bfloat16, head_map=[1, 0])
+    assert cache.layers[0].keys is keys and keys.dtype == torch.float32
+    # Nothing to change is not an error.
+    assert migrate_cache(cache, dtype=torch.float32) == []

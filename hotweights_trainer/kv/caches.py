@@ -33,6 +33,8 @@ class CacheRef:
     """A weak reference to one registered cache, with read and atomic replace of its (K, V) pairs."""
 
     kind: str
+    head_axis: int = 1
+    seq_axis: int = 2
 
     def alive(self) -> bool:
         raise NotImplementedError
@@ -52,15 +54,14 @@ class CacheRef:
         raise NotImplementedError
 
     def check_transformable(self) -> None:
-        """Raise KVMigrationError when positions along the sequence axis are not 0..S-1."""
+        """Raise KVMigrationError when the cache's tensors are not plain K/V at positions 0..S-1."""
 
     def drop(self) -> None:
         """Free what can be freed (HF caches are reset); plain tensors belong to the caller."""
 
 
 class HFCacheRef(CacheRef):
-    kind = "hf"
-    head_axis, seq_axis = 1, 2
+    kind = "hf"  # keys/values are [batch, heads, seq, head_dim]: the base class's axes
 
     def __init__(self, cache: Any):
         self._ref = weakref.ref(cache)
@@ -89,8 +90,9 @@ class HFCacheRef(CacheRef):
         for i, layer in enumerate(self._layers()):
             name = type(layer).__name__
             if name not in _PLAIN_LAYER_TYPES:
-                raise KVMigrationError(f"layer {i} is a {name}: its cached positions are not 0..S-1 in plain "
-                                       f"tensors, so it cannot be transformed (supported: {', '.join(_PLAIN_LAYER_TYPES)})")
+                raise KVMigrationError(f"layer {i} is a {name}, whose tensors are not plain keys and values at "
+                                       f"positions 0..S-1; it cannot be transformed (supported: "
+                                       f"{', '.join(_PLAIN_LAYER_TYPES)})")
 
     def replace(self, pairs: Sequence[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         for layer, kv in zip(self._layers(), pairs):

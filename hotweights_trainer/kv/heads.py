@@ -24,6 +24,7 @@ read which KV head (that lives in the weights): its derived map is the identity 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -122,8 +123,7 @@ def validate_head_map(head_map: Any, length: Optional[int] = None, *, what: str 
     if out_of_range:
         raise KVMigrationError(f"{what} is not a permutation: {out_of_range[:8]} outside 0..{n - 1}")
     if len(set(values)) != n:
-        seen: set[int] = set()
-        dupes = sorted({i for i in values if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+        dupes = sorted(i for i, count in Counter(values).items() if count > 1)
         missing = sorted(set(range(n)) - set(values))
         raise KVMigrationError(f"{what} is not a permutation: {dupes[:8]} repeated, {missing[:8]} missing")
     return values

@@ -58,10 +58,8 @@ def apply_plan(ref: CacheRef, plan: MigrationPlan) -> list[str]:
     present = [kv for kv in pairs if kv is not None]
     if not present:
         return []
-    head_axis, seq_axis = ref.head_axis, ref.seq_axis  # type: ignore[attr-defined]
+    head_axis, seq_axis = ref.head_axis, ref.seq_axis
     rope = plan.rope
-    if rope or plan.head_map is not None:
-        ref.check_transformable()
     index = None
     if plan.head_map is not None:
         stored = {k.shape[head_axis] for k, _ in present}
@@ -96,6 +94,7 @@ def apply_plan(ref: CacheRef, plan: MigrationPlan) -> list[str]:
             changed.add("heads")
         new_pairs.append((k, v))
     if changed:
+        ref.check_transformable()  # before anything is installed: an unsupported layer changes nothing
         ref.replace(new_pairs)
     return sorted(changed)
 

@@ -23,7 +23,7 @@ import torch
 
 from ..config import SyncConfig
 from ..errors import ConfigError, KVMigrationError
-from .heads import HeadCounts, check_map_fits, derive_head_map, load_head_map
+from .heads import check_map_fits, derive_head_map, load_head_map
 from .migrate import MigrationPlan, apply_plan
 from .recompute import recompute
 from .registry import KVEntry, KVRegistry, drop_entry
@@ -89,13 +89,14 @@ class MigratePolicy(KVPolicy):
 
     ``kv_dtype``: dtype the new version's caches hold (default: the model's dtype; without a model,
     unchanged). ``head_map``: explicit permutation for caches registered in the other head order
-    (default: the map derived from the head counts). ``head_order``: the engine's order.
+    (default: the map derived from the head counts). ``head_order``: the engine's order (default:
+    the registry's).
     """
 
     name = "migrate"
 
     def __init__(self, *, kv_dtype: Optional[Union[torch.dtype, str]] = None,
-                 head_map: Optional[list[int]] = None, head_order: str = "grouped"):
+                 head_map: Optional[list[int]] = None, head_order: Optional[str] = None):
         if isinstance(kv_dtype, str):
             dt = getattr(torch, kv_dtype, None)
             if not isinstance(dt, torch.dtype):
@@ -111,22 +112,26 @@ class MigratePolicy(KVPolicy):
         model_dtype = getattr(registry.model, "dtype", None)
         return model_dtype if isinstance(model_dtype, torch.dtype) else None
 
+    def target_order(self, registry: KVRegistry) -> str:
+        return self.head_order if self.head_order is not None else registry.head_order
+
     def head_map_for(self, registry: KVRegistry, entry: KVEntry) -> Optional[list[int]]:
-        if entry.head_order == self.head_order:
+        target = self.target_order(registry)
+        if entry.head_order == target:
             return None
         if self.head_map is not None:
             return self.head_map
         counts = registry.head_counts
         if counts is None:
-            raise KVMigrationError(f"the cache is in {entry.head_order} order but the engine uses {self.head_order}: "
+            raise KVMigrationError(f"the cache is in {entry.head_order} order but the engine uses {target}: "
                                    "deriving the map needs the head counts (model config or head_counts=)")
         first = next((kv for kv in entry.ref.pairs() if kv is not None), None)
         if first is None:
             return None
-        stored = first[0].shape[entry.ref.head_axis]  # type: ignore[attr-defined]
+        stored = first[0].shape[entry.ref.head_axis]
         if counts.layout_of(stored) == "compact":
             return None  # each KV head is stored once: the order lives in the weights only
-        return derive_head_map(counts, self.head_order)
+        return derive_head_map(counts, target)
 
     def apply_entry(self, registry: KVRegistry, entry: KVEntry, version: int) -> list[str]:
         rope_to = registry.current_rope()
@@ -135,7 +140,7 @@ class MigratePolicy(KVPolicy):
         done = apply_plan(entry.ref, plan)
         entry.state, entry.version = "migrated", version
         entry.rope = rope_to if rope_to is not None else entry.rope
-        entry.head_order = self.head_order
+        entry.head_order = self.target_order(registry)
         if done:
             log.debug("migrated a KV cache to version %d: %s", version, ", ".join(done))
         return done
@@ -194,4 +199,4 @@ def attach_kv_policy(receiver: Any, policy: Union[str, KVPolicy, None] = None,
 
 
 __all__ = ["KVPolicy", "DropPolicy", "KeepPolicy", "RecomputePolicy", "MigratePolicy", "make_policy",
-           "attach_kv_policy", "POLICY_NAMES", "HeadCounts"]
+           "attach_kv_policy", "POLICY_NAMES"]

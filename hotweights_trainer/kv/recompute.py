@@ -59,7 +59,7 @@ def recompute(ref: CacheRef, token_ids: torch.Tensor, model: torch.nn.Module, *,
     from transformers import DynamicCache  # plain tensor caches: recompute into a scratch HF cache
 
     old = ref.pairs()
-    head_axis, seq_axis = ref.head_axis, ref.seq_axis  # type: ignore[attr-defined]
+    head_axis, seq_axis = ref.head_axis, ref.seq_axis
     batch_axis = next(a for a in range(old[0][0].dim() - 1) if a not in (head_axis, seq_axis))  # type: ignore[index]
     tokens = prefix_tokens(token_ids, seq_len, old[0][0].shape[batch_axis]).to(device)  # type: ignore[index]
     scratch = DynamicCache()
