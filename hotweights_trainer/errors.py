@@ -100,6 +100,10 @@ class OptimizerPolicyError(HotweightsError, RuntimeError):
     """An optimizer-state policy could not be applied."""
 
 
+class SidecarError(HotweightsError, ValueError):
+    """A checkpoint's weight-fingerprint sidecar is missing, unreadable or malformed."""
+
+
 class CoordinatorError(HotweightsError, RuntimeError):
     """The control plane refused a request or is in an inconsistent state."""
 

@@ -5,11 +5,18 @@ only the global main process creates the publisher and sends. It publishes in ``
 the optimizer step, so never inside gradient accumulation) every ``every_n_steps`` global steps, and
 the final weights in ``on_train_end``. ``hotweights/version``, ``hotweights/sync_seconds`` and
 ``hotweights/bytes`` are added to the Trainer's logs.
+
+Resumed runs: each checkpoint the Trainer saves gets a weights sidecar (``on_save``). When training
+resumes from it, the parameters whose bytes differ from the sidecar count as updated, and
+``opt_policy`` (preserve / reset / attenuate; default ``HOTWEIGHTS_OPT_POLICY``) is applied once to their
+optimizer state in ``on_train_begin``, after the Trainer loaded it (see ``hotweights_trainer.optim``).
+The report goes to the log and into the Trainer's log history as ``hotweights/opt_*``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterable, Optional
 
 from ..config import SyncConfig
@@ -26,7 +33,8 @@ log = logging.getLogger(__name__)
 
 class HotweightsCallback(TrainerCallback):
     def __init__(self, endpoint: str, *, every_n_steps: int = 1, config: Optional[SyncConfig] = None,
-                 close_on_train_end: bool = True):
+                 close_on_train_end: bool = True, opt_policy: Optional[str] = None,
+                 opt_attenuation: Optional[float] = None):
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ConfigError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.endpoint = endpoint
@@ -39,6 +47,7 @@ class HotweightsCallback(TrainerCallback):
         self.errors: list[HotweightsError] = []
         self._last_step: Optional[int] = None
         self._unlogged: dict[str, float] = {}
+        self._init_opt_policy(opt_policy, opt_attenuation)
 
     # ---------------------------------------------------------------- rank handling
     @staticmethod
@@ -62,6 +71,7 @@ class HotweightsCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._apply_opt_policy_on_resume(args, state, kwargs.get("model"), kwargs.get("optimizer"))
         if self._is_main(state):
             self._ensure_publisher()  # receivers can connect before the first step
 
@@ -108,3 +118,65 @@ class HotweightsCallback(TrainerCallback):
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
+
+    # ---------------------------------------------------------------- optimizer state on resume
+    def _init_opt_policy(self, policy: Optional[str], attenuation: Optional[float]) -> None:
+        from ..optim import validate_policy
+
+        self.opt_policy, self.opt_attenuation = validate_policy(
+            policy if policy is not None else self.config.opt_policy,
+            attenuation if attenuation is not None else self.config.opt_attenuation)
+        self.opt_report = None
+        self.resume_checkpoint: Optional[str] = None
+        """Checkpoint folder a resume reads the sidecar from; by default OUTPUT_DIR/checkpoint-STEP."""
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Write the weights sidecar into the checkpoint the Trainer just saved (all ranks take part)."""
+        from ..optim import write_sidecar
+
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if model is None:
+            return
+        if self._is_main(state) and not os.path.isdir(folder):
+            log.warning("checkpoint folder %s not found after save; no hotweights sidecar written", folder)
+            return
+        version = self.last_result.version if self.last_result is not None else None
+        try:
+            write_sidecar(folder, model, step=int(state.global_step), version=version, is_main=self._is_main(state))
+        except HotweightsError as exc:
+            self._opt_error(exc, f"writing the sidecar of {folder}")
+
+    def _apply_opt_policy_on_resume(self, args: Any, state: Any, model: Any, optimizer: Any) -> None:
+        """On a resumed run (the Trainer has loaded the optimizer by now), apply the policy once to the
+        parameters whose bytes differ from the checkpoint's sidecar; log the report."""
+        from ..optim import SIDECAR_NAME, apply_on_resume
+
+        if self.opt_report is not None or not state.global_step or model is None or optimizer is None:
+            return
+        candidates = [self.resume_checkpoint, getattr(args, "resume_from_checkpoint", None),
+                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        folder = next((c for c in candidates if isinstance(c, str) and os.path.isfile(os.path.join(c, SIDECAR_NAME))),
+                      None)
+        if folder is None:
+            log.warning("resumed at step %d but found no hotweights sidecar (looked in %s); optimizer state "
+                        "left as loaded. Set callback.resume_checkpoint to the folder resumed from.",
+                        state.global_step, ", ".join(str(c) for c in candidates if c))
+            return
+        try:
+            self.opt_report = apply_on_resume(model, optimizer, folder, policy=self.opt_policy,
+                                              attenuation=self.opt_attenuation, config=self.config)
+        except HotweightsError as exc:
+            self._opt_error(exc, f"applying the optimizer policy on resume from {folder}")
+            return
+        if self._is_main(state):
+            log.info("resume from %s: %s", folder, self.opt_report.summary())
+        history = getattr(state, "log_history", None)
+        if history is not None:
+            history.append({**self.opt_report.log_entries(), "step": state.global_step})
+
+    def _opt_error(self, exc: HotweightsError, what: str) -> None:
+        self.errors.append(exc)
+        if self.config.on_error == "raise":
+            raise exc
+        log.warning("%s failed (on_error=warn, training continues): %s", what, exc)
+
