@@ -173,7 +173,7 @@ def parse_sidecar(doc: Any, *, source: str = "<memory>") -> Sidecar:
         if (not isinstance(shape, list) or len(shape) > 32
                 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape)):
             raise SidecarError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise SidecarError(f"{where}: unknown dtype {dtype!r}")
         if math.prod(shape) > 1 << 48:
             raise SidecarError(f"{where}: implausible shape {shape!r}")
