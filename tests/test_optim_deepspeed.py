@@ -1,0 +1,90 @@
+"""DeepSpeed ZeRO with two CPU processes: resume with swapped weights under each policy.
+
+The measurements come from ``tests/procs/ds_opt_resume.py`` run by torchrun; see its docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, child_env, free_port, require
+
+LR = 1e-3  # the script's learning rate: one Adam step moves a weight by at most about LR
+
+
+def run_ds(tmp_path, stage: int, cases: str) -> dict[str, dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "tests" / "procs" / "ds_opt_resume.py"),
+           "--stage", str(stage), "--dir", str(tmp_path / "ckpt"), "--cases", cases]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["case"]: r for r in results}
+
+
+def check_moves_from_new_weights(params: dict) -> None:
+    for name, row in params.items():
+        assert row["master_equals_weights"], name  # fp32 master equals the (swapped) weights
+        if row["swapped"]:
+            assert row["dist_from_new"] <= 1.5 * LR and row["dist_from_old"] > 0.3, (name, row)
+        else:
+            assert row["dist_from_old"] <= 1.5 * LR, (name, row)
+
+
+def moments(row: dict, flag: str) -> bool:
+    return all(row[k][flag] and row[k]["nonzero_before"] for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resume_with_swapped_weights(tmp_path, stage):
+    require("deepspeed")
+    out = run_ds(tmp_path, stage, "reset,attenuate,preserve,reset_all,control")
+    backend = "deepspeed-zero3" if stage == 3 else "deepspeed-zero12"
+
+    reset = out["reset"]
+    assert reset["report"]["backend"] == backend
+    assert (reset["report"]["preserved"], reset["report"]["reset"], reset["report"]["master_synced"]) == (3, 3, 3)
+    for row in reset["params"].values():
+        assert moments(row, "zero" if row["swapped"] else "equal"), row
+    assert any("shared step counter" in n for n in reset["report"]["notes"])
+    check_moves_from_new_weights(reset["params"])
+
+    att = out["attenuate"]
+    assert (att["report"]["preserved"], att["report"]["attenuated"], att["report"]["master_synced"]) == (3, 3, 3)
+    for row in att["params"].values():
+        assert moments(row, "scaled" if row["swapped"] else "equal"), row
+    assert att["steps"] == [4.0]  # attenuate keeps step
+    check_moves_from_new_weights(att["params"])
+
+    keep = out["preserve"]
+    assert (keep["report"]["preserved"], keep["report"]["master_synced"]) == (6, 3)
+    assert all(moments(row, "equal") for row in keep["params"].values())
+    check_moves_from_new_weights(keep["params"])
+
+    # Every parameter updated: the group's step counter can be reset too, so the next step is a fresh
+    # optimizer's first step, which for Adam moves each weight by lr * g / (|g| + eps), i.e. by lr.
+    every = out["reset_all"]
+    assert every["report"]["reset"] == 6 and every["report"]["notes"] == [] and every["steps"] == [1.0]
+    assert all(moments(row, "zero") for row in every["params"].values())
+    assert all(abs(row["dist_from_new"] - LR) < 1e-5 for row in every["params"].values())
+
+    # Without the policy the stale fp32 master wins: one step puts the old weights back.
+    control = out["control"]
+    for name, row in control["params"].items():
+        if row["swapped"]:
+            assert not row["master_equals_weights"] and row["dist_from_old"] <= 1.5 * LR, (name, row)
+
+
+@pytest.mark.slow
+def test_zero1_resume_attenuate(tmp_path):
+    require("deepspeed")
+    att = run_ds(tmp_path, 1, "attenuate")["attenuate"]
+    assert att["report"]["backend"] == "deepspeed-zero12" and att["report"]["attenuated"] == 3
+    for row in att["params"].values():
+        assert moments(row, "scaled" if row["swapped"] else "equal"), row
+    check_moves_from_new_weights(att["params"])
