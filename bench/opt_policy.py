@@ -124,8 +124,8 @@ def main() -> None:
             for p in changed:
                 p.add_(1e-3)
         cfg = SyncConfig()
-        e2e = best(lambda: apply_on_resume(model, opt, tmp, policy="attenuate", attenuation=0.999, config=cfg),
-                   args.repeat)
+        e2e = best(lambda: apply_on_resume(model, opt, tmp, policy="attenuate", attenuation=0.999,
+                                           config=cfg), args.repeat)
         rows.append((f"apply_on_resume ({len(changed)} of {len(params)} changed)", e2e, weight_bytes, w_copy))
 
     print(f"| {'operation':<44} | {'ms':>9} | {'GB/s':>7} | {'x limit':>8} |")

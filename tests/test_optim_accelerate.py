@@ -32,8 +32,10 @@ def check_moves_from_new(out: dict) -> None:
 @pytest.mark.slow
 def test_accelerate_load_state_then_reset(tmp_path):
     require("hf")
-    out = parse(run_python([SCRIPT, "--dir", str(tmp_path / "state"), "--policy", "reset"], timeout=180).stdout)
-    assert out["report"]["backend"] == "torch" and (out["report"]["reset"], out["report"]["preserved"]) == (2, 2)
+    proc = run_python([SCRIPT, "--dir", str(tmp_path / "state"), "--policy", "reset"], timeout=180)
+    out = parse(proc.stdout)
+    report = out["report"]
+    assert report["backend"] == "torch" and (report["reset"], report["preserved"]) == (2, 2)
     check_moves_from_new(out)
     # Reset parameters took a fresh optimizer's first step; the others continued at step 4.
     assert out["steps"] == {"0.weight": 1.0, "0.bias": 4.0, "2.weight": 4.0, "2.bias": 1.0}
@@ -43,8 +45,9 @@ def test_accelerate_load_state_then_reset(tmp_path):
 def test_accelerate_deepspeed_zero2_load_state_then_attenuate(tmp_path):
     require("hf")
     require("deepspeed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), SCRIPT, "--deepspeed", "--dir", str(tmp_path / "state"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, "--deepspeed",
+           "--dir", str(tmp_path / "state"),
            "--policy", "attenuate"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=child_env(ACCELERATE_USE_DEEPSPEED="true"))

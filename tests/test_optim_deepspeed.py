@@ -17,11 +17,13 @@ LR = 1e-3  # the script's learning rate: one Adam step moves a weight by at most
 
 
 def run_ds(tmp_path, stage: int, cases: str) -> dict[str, dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "tests" / "procs" / "ds_opt_resume.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "procs" / "ds_opt_resume.py"),
            "--stage", str(stage), "--dir", str(tmp_path / "ckpt"), "--cases", cases]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {r["case"]: r for r in results}
 
@@ -48,14 +50,16 @@ def test_zero_resume_with_swapped_weights(tmp_path, stage):
 
     reset = out["reset"]
     assert reset["report"]["backend"] == backend
-    assert (reset["report"]["preserved"], reset["report"]["reset"], reset["report"]["master_synced"]) == (3, 3, 3)
+    counts = reset["report"]
+    assert (counts["preserved"], counts["reset"], counts["master_synced"]) == (3, 3, 3)
     for row in reset["params"].values():
         assert moments(row, "zero" if row["swapped"] else "equal"), row
     assert any("shared step counter" in n for n in reset["report"]["notes"])
     check_moves_from_new_weights(reset["params"])
 
     att = out["attenuate"]
-    assert (att["report"]["preserved"], att["report"]["attenuated"], att["report"]["master_synced"]) == (3, 3, 3)
+    counts = att["report"]
+    assert (counts["preserved"], counts["attenuated"], counts["master_synced"]) == (3, 3, 3)
     for row in att["params"].values():
         assert moments(row, "scaled" if row["swapped"] else "equal"), row
     assert att["steps"] == [4.0]  # attenuate keeps step

@@ -26,12 +26,12 @@ def train(out_dir, max_steps, endpoint, *, resume=None, policy=None, probe=None)
     from hotweights_trainer import HotweightsCallback, SyncConfig
 
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 64, (16,), generator=g), "labels": torch.randint(0, 64, (16,), generator=g)}
-            for _ in range(64)]
+    data = [{"input_ids": torch.randint(0, 64, (16,), generator=g),
+             "labels": torch.randint(0, 64, (16,), generator=g)} for _ in range(64)]
     cb = HotweightsCallback(endpoint, config=SyncConfig(timeout_s=30), opt_policy=policy, opt_attenuation=0.5)
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
-                             per_device_train_batch_size=4, save_strategy="steps", save_steps=3, logging_steps=1,
-                             disable_tqdm=True, learning_rate=1e-3, seed=0)
+                             per_device_train_batch_size=4, save_strategy="steps", save_steps=3,
+                             logging_steps=1, disable_tqdm=True, learning_rate=1e-3, seed=0)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=data,
                       callbacks=[cb] + ([probe] if probe is not None else []))
     trainer.train(resume_from_checkpoint=resume)
@@ -138,8 +138,9 @@ def test_resume_applies_policy_to_changed_weights_only(checkpoint, tmp_path, pol
 
 @pytest.mark.slow
 def test_opt_check_previews_the_real_checkpoint(checkpoint):
-    out = json.loads(run_python(["-m", "hotweights_trainer", "opt-check", "--checkpoint",
-                                 str(checkpoint / "run" / "checkpoint-3"), "--policy", "attenuate", "--json"]).stdout)
+    ckpt = str(checkpoint / "run" / "checkpoint-3")
+    out = json.loads(run_python(["-m", "hotweights_trainer", "opt-check", "--checkpoint", ckpt,
+                                 "--policy", "attenuate", "--json"]).stdout)
     assert out["updated_names"] == sorted(SWAPPED)
     assert out["attenuated"] == 2 and out["step"] == 3 and out["missing"] == []
 

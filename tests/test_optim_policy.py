@@ -42,7 +42,8 @@ def trained(kind: str, steps: int = 3):
 
 
 def snapshot(model, opt) -> dict[str, dict]:
-    return {name: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state.get(p, {}).items()}
+    return {name: {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                   for k, v in opt.state.get(p, {}).items()}
             for name, p in model.named_parameters()}
 
 
@@ -167,7 +168,8 @@ def test_unmapped_frozen_and_no_state_are_reported():
     model = make_model()
     model[0].bias.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    report = apply_policy(opt, {"0.weight", "0.bias", "no.such.weight", torch.zeros(2)}, policy="reset", model=model)
+    updated = {"0.weight", "0.bias", "no.such.weight", torch.zeros(2)}
+    report = apply_policy(opt, updated, policy="reset", model=model)
     assert "no.such.weight" in report.unmapped and "<tensor (2,)>" in report.unmapped
     assert report.not_in_optimizer == ["0.bias"]
     assert report.no_state == 1 and report.reset == 0 and report.preserved == 2  # never stepped: no state

@@ -17,7 +17,8 @@ from tests.conftest import run_python
 
 def small_model() -> torch.nn.Module:
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2).to(torch.bfloat16))
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
+                               torch.nn.Linear(6, 2).to(torch.bfloat16))
 
 
 def test_sidecar_round_trip_and_compare(tmp_path):
@@ -73,14 +74,15 @@ def test_missing_or_unreadable_sidecar(tmp_path):
         write_sidecar(tmp_path / "absent", small_model())
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers(-5, 2**60) | st.floats() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                     max_leaves=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**60) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+_FIELDS = ["format", "format_version", "step", "version", "tensors", "digest", "shape", "dtype"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(["format", "format_version", "step", "version", "tensors", "digest", "shape", "dtype"]),
-       value=_json)
+@given(key=st.sampled_from(_FIELDS), value=_json)
 def test_fuzzed_sidecar_fields_never_escape_as_other_errors(key, value):
     doc = valid_doc()
     target = doc["tensors"]["w"] if key in ("digest", "shape", "dtype") else doc
@@ -102,14 +104,16 @@ def save_checkpoint(folder, model) -> None:
 def test_opt_check_counts_text_and_json():
     text = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "3", "--unchanged", "10",
                        "--policy", "attenuate", "--attenuation", "0.5"]).stdout
-    assert "preserved         10" in text and "attenuated         3" in text and "reset              0" in text
+    assert "preserved         10" in text and "attenuated         3" in text
+    assert "reset              0" in text
     assert "sqrt(a) = 0.7071" in text and "a / sqrt(a)" in text
-    out = json.loads(run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "3", "--unchanged", "10",
-                                 "--policy", "reset", "--json"]).stdout)
+    cmd = ["-m", "hotweights_trainer", "opt-check", "--updated", "3", "--unchanged", "10"]
+    out = json.loads(run_python(cmd + ["--policy", "reset", "--json"]).stdout)
     assert (out["preserved"], out["attenuated"], out["reset"]) == (10, 0, 3)
     assert out["effective_update_scale"] is None and out["moment_scale"] == 0.0
+    env = _env(HOTWEIGHTS_OPT_POLICY="attenuate", HOTWEIGHTS_OPT_ATTENUATION="0.25")
     env_default = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "1", "--unchanged", "1",
-                              "--json"], env=_env(HOTWEIGHTS_OPT_POLICY="attenuate", HOTWEIGHTS_OPT_ATTENUATION="0.25"))
+                              "--json"], env=env)
     out = json.loads(env_default.stdout)
     assert out["policy"] == "attenuate" and out["effective_update_scale"] == 0.5 and out["attenuated"] == 1
 
@@ -147,14 +151,16 @@ def test_opt_check_checkpoint_preview(tmp_path):
     out = json.loads(run_python(args + ["--weights", str(swapped), "--json"]).stdout)
     assert out["updated_names"] == ["0.weight"] and (out["preserved"], out["reset"]) == (3, 1)
     assert (out["step"], out["version"]) == (5, 2)
-    text = run_python(args + ["--weights", str(swapped), "--policy", "attenuate", "--attenuation", "0.5"]).stdout
+    text = run_python(args + ["--weights", str(swapped), "--policy", "attenuate",
+                              "--attenuation", "0.5"]).stdout
     assert "updated: 0.weight" in text and "attenuated         1" in text and "(step 5, version 2)" in text
     # A resized tensor is always reset, whatever the policy.
     resized = dict(model.state_dict())
     resized["2.bias"] = torch.zeros(3, dtype=torch.bfloat16)
     save_file(resized, str(tmp_path / "resized.safetensors"))
-    out = json.loads(run_python(args[:-2] + ["--policy", "preserve", "--weights", str(tmp_path / "resized.safetensors"),
-                                             "--json"]).stdout)
+    out = json.loads(run_python(args[:-2] + ["--policy", "preserve", "--json",
+                                             "--weights", str(tmp_path / "resized.safetensors")]).stdout)
     assert out["shape_changed"] == ["2.bias"] and out["reset"] == 1 and out["preserved"] == 3
-    missing = run_python(["-m", "hotweights_trainer", "opt-check", "--checkpoint", str(tmp_path)], check=False)
+    missing = run_python(["-m", "hotweights_trainer", "opt-check", "--checkpoint", str(tmp_path)],
+                         check=False)
     assert missing.returncode == 1 and "no hotweights sidecar" in missing.stderr

@@ -18,7 +18,8 @@ from ._common import add_json_flag, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("opt-check", help="preview an optimizer-state policy (preserve/reset/attenuate) on resume",
+    p = sub.add_parser("opt-check",
+                       help="preview an optimizer-state policy (preserve/reset/attenuate) on resume",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updated", type=int, help="number of parameters whose weights changed")
     p.add_argument("--unchanged", type=int, help="number of parameters whose weights did not change")
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             print("hotweights opt-check: give either --checkpoint or --updated/--unchanged, not both",
                   file=sys.stderr)
             return 2
-        data = preview_checkpoint(args.checkpoint, weights=args.weights, policy=policy, attenuation=attenuation)
+        data = preview_checkpoint(args.checkpoint, weights=args.weights, policy=policy,
+                                  attenuation=attenuation)
     else:
         if args.updated is None or args.unchanged is None or args.weights is not None:
             print("hotweights opt-check: give --updated N and --unchanged M, or --checkpoint DIR",
@@ -78,7 +80,8 @@ def _text(d: dict) -> str:
     if d.get("shape_changed"):
         lines.append("shape changed (always reset): " + ", ".join(d["shape_changed"]))
     if d.get("missing"):
-        lines.append(f"in the sidecar but not in the weights ({len(d['missing'])}): " + ", ".join(d["missing"][:20]))
+        lines.append(f"in the sidecar but not in the weights ({len(d['missing'])}): "
+                     + ", ".join(d["missing"][:20]))
     if d.get("untracked"):
         lines.append(f"in the weights but not in the sidecar, not counted ({len(d['untracked'])}): "
                      + ", ".join(d["untracked"][:20]))

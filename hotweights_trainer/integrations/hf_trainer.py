@@ -142,7 +142,8 @@ class HotweightsCallback(TrainerCallback):
             return
         version = self.last_result.version if self.last_result is not None else None
         try:
-            write_sidecar(folder, model, step=int(state.global_step), version=version, is_main=self._is_main(state))
+            write_sidecar(folder, model, step=int(state.global_step), version=version,
+                          is_main=self._is_main(state))
         except HotweightsError as exc:
             self._opt_error(exc, f"writing the sidecar of {folder}")
 
@@ -155,8 +156,8 @@ class HotweightsCallback(TrainerCallback):
             return
         candidates = [self.resume_checkpoint, getattr(args, "resume_from_checkpoint", None),
                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        folder = next((c for c in candidates if isinstance(c, str) and os.path.isfile(os.path.join(c, SIDECAR_NAME))),
-                      None)
+        folder = next((c for c in candidates
+                       if isinstance(c, str) and os.path.isfile(os.path.join(c, SIDECAR_NAME))), None)
         if folder is None:
             log.warning("resumed at step %d but found no hotweights sidecar (looked in %s); optimizer state "
                         "left as loaded. Set callback.resume_checkpoint to the folder resumed from.",

@@ -14,8 +14,9 @@ Public API::
 from .policy import POLICIES, PolicyReport, apply_policy, effective_update_scale, validate_policy
 from .preview import expected_counts, preview_checkpoint
 from .resume import apply_on_resume
-from .sidecar import SIDECAR_NAME, Comparison, Sidecar, compare, model_fingerprints, read_sidecar, write_sidecar
+from .sidecar import (SIDECAR_NAME, Comparison, Sidecar, compare, model_fingerprints, read_sidecar,
+                      write_sidecar)
 
 __all__ = ["POLICIES", "PolicyReport", "apply_policy", "effective_update_scale", "validate_policy",
-           "expected_counts", "preview_checkpoint", "apply_on_resume", "SIDECAR_NAME", "Comparison", "Sidecar",
-           "compare", "model_fingerprints", "read_sidecar", "write_sidecar"]
+           "expected_counts", "preview_checkpoint", "apply_on_resume", "SIDECAR_NAME", "Comparison",
+           "Sidecar", "compare", "model_fingerprints", "read_sidecar", "write_sidecar"]

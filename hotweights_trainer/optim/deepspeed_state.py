@@ -42,7 +42,7 @@ def layout(optimizer: Any) -> Optional[str]:
     if not type(optimizer).__module__.startswith("deepspeed"):
         return None
     for name, (groups_attr, flat_attr) in _LAYOUTS.items():
-        if hasattr(optimizer, groups_attr) and hasattr(optimizer, flat_attr) and hasattr(optimizer, "optimizer"):
+        if all(hasattr(optimizer, a) for a in (groups_attr, flat_attr, "optimizer")):
             return name
     return None
 

@@ -137,12 +137,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         seen.add(id(optimizer))
         if is_deepspeed_optimizer(optimizer):
             return optimizer
-        if type(optimizer).__name__ in _OPTIMIZER_WRAPPERS and getattr(optimizer, "optimizer", None) is not None:
-            optimizer = optimizer.optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if type(optimizer).__name__ in _OPTIMIZER_WRAPPERS and inner is not None:
+            optimizer = inner
             continue
         break
     if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
-        raise ConfigError(f"apply_policy needs a torch or DeepSpeed optimizer, got {type(optimizer).__name__}")
+        raise ConfigError(
+            f"apply_policy needs a torch or DeepSpeed optimizer, got {type(optimizer).__name__}")
     return optimizer
 
 
@@ -191,14 +193,16 @@ def _resolve(updated: Iterable[Any], trained: list[torch.nn.Parameter], names: _
              report: PolicyReport) -> set[int]:
     """Turn ``updated`` (names or parameters) into ids of trained parameters; record what failed."""
     if isinstance(updated, (str, bytes, torch.Tensor)) or not hasattr(updated, "__iter__"):
-        raise ConfigError(f"updated must be a set of parameter names or parameters, got {type(updated).__name__}")
+        raise ConfigError(
+            f"updated must be a set of parameter names or parameters, got {type(updated).__name__}")
     trained_ids = {id(p): i for i, p in enumerate(trained)}
     targets: set[int] = set()
     for item in updated:
         if isinstance(item, str):
             if not names.by_name:
-                raise ConfigError(f"updated names parameters (e.g. {item!r}) but apply_policy has no way to "
-                                  "resolve names: pass model=, or build the optimizer from named_parameters()")
+                raise ConfigError(
+                    f"updated names parameters (e.g. {item!r}) but apply_policy has no way to resolve "
+                    "names: pass model=, or build the optimizer from named_parameters()")
             p = names.by_name.get(strip_wrappers(item))
             if p is None:
                 report.unmapped.append(item)

@@ -102,8 +102,9 @@ def weight_file_fingerprints(path: Union[str, os.PathLike]) -> dict[str, TensorP
     return out
 
 
-def preview_checkpoint(checkpoint: Union[str, os.PathLike], *, weights: Optional[Union[str, os.PathLike]] = None,
-                       policy: str, attenuation: float) -> dict[str, Any]:
+def preview_checkpoint(checkpoint: Union[str, os.PathLike], *,
+                       weights: Optional[Union[str, os.PathLike]] = None, policy: str,
+                       attenuation: float) -> dict[str, Any]:
     """What resuming from ``checkpoint`` with ``weights`` (default: the checkpoint's own model file,
     which is what HF Trainer loads) would do. Names only in the weights file (buffers, untracked
     tensors) are listed as ``untracked`` and not counted."""
@@ -114,6 +115,6 @@ def preview_checkpoint(checkpoint: Union[str, os.PathLike], *, weights: Optional
     out = expected_counts(len(diff.updated), len(diff.unchanged), policy, attenuation,
                           shape_changed=len(diff.shape_changed))
     out.update({"checkpoint": str(checkpoint), "weights": str(weights_path), "step": sidecar.step,
-                "version": sidecar.version, "updated_names": diff.updated, "shape_changed": diff.shape_changed,
-                "missing": diff.missing, "untracked": diff.new})
+                "version": sidecar.version, "updated_names": diff.updated,
+                "shape_changed": diff.shape_changed, "missing": diff.missing, "untracked": diff.new})
     return out

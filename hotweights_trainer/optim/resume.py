@@ -34,7 +34,8 @@ def apply_on_resume(model: Any, optimizer: Any, checkpoint_dir: Union[str, os.Pa
                                           cfg.opt_attenuation if attenuation is None else attenuation)
     sidecar = read_sidecar(checkpoint_dir)
     diff = compare(sidecar, model_fingerprints(model))
-    report = apply_policy(optimizer, diff.updated + diff.new, policy=policy, attenuation=attenuation, model=model)
+    report = apply_policy(optimizer, diff.updated + diff.new, policy=policy, attenuation=attenuation,
+                          model=model)
     notes = []
     if diff.new:
         notes.append(f"{len(diff.new)} parameter(s) not in the sidecar, treated as updated: "

@@ -111,7 +111,8 @@ def write_sidecar(directory: Union[str, os.PathLike], model: Any, *, step: Optio
         return None
     target = sidecar_path(directory)
     if not target.parent.is_dir():
-        raise SidecarError(f"checkpoint folder {str(target.parent)!r} does not exist; cannot write the sidecar")
+        raise SidecarError(
+            f"checkpoint folder {str(target.parent)!r} does not exist; cannot write the sidecar")
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "version": version,
            "tensors": {name: {"digest": t.digest, "shape": list(t.shape), "dtype": t.dtype}
                        for name, t in prints.items()}}

@@ -73,7 +73,8 @@ class FreshState:
         self._mode: Any = None  # None: not probed yet; _LAZY; "eager"; or an exception (fallback)
 
     def _probe(self, group: dict, like: torch.Tensor) -> Any:
-        dummy = torch.nn.Parameter(torch.zeros((1,) * max(like.dim(), 1), dtype=like.dtype, device=like.device))
+        shape = (1,) * max(like.dim(), 1)
+        dummy = torch.nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
         try:
             probe = _construct_like(self.optimizer, group, dummy)
         except Exception as exc:  # any constructor may refuse; we fall back to a structural reset

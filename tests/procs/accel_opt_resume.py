@@ -33,8 +33,8 @@ def main() -> int:
 
         deepspeed.init_distributed(dist_backend="gloo")
         plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1)
-        plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 8, "zero_allow_untested_optimizer": True,
-                                        "steps_per_print": 10**9})
+        plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 8,
+                                        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
     # Accelerate turns DeepSpeed off under cpu=True; without a GPU it still runs on the CPU when asked
     # for DeepSpeed explicitly (ACCELERATE_USE_DEEPSPEED, set by the test).
     accelerator = Accelerator(cpu=plugin is None, deepspeed_plugin=plugin)

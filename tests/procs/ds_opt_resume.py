@@ -23,14 +23,14 @@ SWAPPED = ["0.weight", "2.weight", "4.bias"]  # rank 0, split across both, rank 
 LR = 1e-3
 
 
-def make_model(stage: int) -> torch.nn.Module:
+def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 24), torch.nn.Tanh(),
-                               torch.nn.Linear(24, 5))  # odd sizes: uneven ZeRO-3 partitions
+    return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 24),
+                               torch.nn.Tanh(), torch.nn.Linear(24, 5))  # odd sizes: uneven ZeRO-3 partitions
 
 
 def engine_for(stage: int):
-    model = make_model(stage)
+    model = make_model()
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
