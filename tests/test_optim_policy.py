@@ -16,6 +16,12 @@ OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     "sgd_momentum": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9)),
 }
+# Other implementations of the same update: fused kernels (a tensor step) and the per-tensor loop.
+VARIANTS = {
+    "adamw_fused": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, fused=True)),
+    "adam_loop_amsgrad": (torch.optim.Adam, dict(lr=1e-2, foreach=False, amsgrad=True)),
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+}
 UPDATED = {"0.weight", "2.bias"}
 
 
@@ -31,7 +37,7 @@ def loss_on(model: torch.nn.Module, seed: int) -> torch.Tensor:
 
 
 def trained(kind: str, steps: int = 3):
-    cls, kw = OPTIMIZERS[kind]
+    cls, kw = {**OPTIMIZERS, **VARIANTS}[kind]
     model = make_model()
     opt = cls(model.parameters(), **kw)
     for s in range(steps):
@@ -67,7 +73,7 @@ def test_preserve_keeps_every_state(kind):
     assert sorted(report.updated) == sorted(UPDATED)
 
 
-@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS) + sorted(VARIANTS))
 def test_attenuate_scales_every_moment_and_keeps_step(kind):
     model, opt = trained(kind)
     before = snapshot(model, opt)
@@ -83,13 +89,14 @@ def test_attenuate_scales_every_moment_and_keeps_step(kind):
                 assert torch.equal(new, old * 0.3), (name, key)
                 assert not torch.equal(new, old)
                 moments += 1
-    expected_keys = {"adam": 2, "adamw": 2, "sgd_momentum": 1}[kind]
+    expected_keys = {"adam": 2, "adamw": 2, "sgd_momentum": 1, "adamw_fused": 2, "adam_loop_amsgrad": 3,
+                     "sgd_nesterov": 1}[kind]
     assert moments == expected_keys * len(UPDATED)
     assert (report.preserved, report.attenuated, report.reset) == (2, 2, 0)
     step(model, opt)  # the next step runs on the attenuated state
 
 
-@pytest.mark.parametrize("kind", sorted(OPTIMIZERS) + ["adagrad"])
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS) + sorted(VARIANTS) + ["adagrad"])
 def test_reset_next_step_equals_fresh_optimizers_first_step(kind):
     if kind == "adagrad":  # creates its state in the constructor, not on first sight
         cls, kw = torch.optim.Adagrad, dict(lr=0.1, initial_accumulator_value=0.25)
@@ -98,7 +105,7 @@ def test_reset_next_step_equals_fresh_optimizers_first_step(kind):
         for s in range(3):
             step(model, opt, s)
     else:
-        cls, kw = OPTIMIZERS[kind]
+        cls, kw = {**OPTIMIZERS, **VARIANTS}[kind]
         model, opt = trained(kind)
     control_model, control_opt = copy.deepcopy((model, opt))  # same run without the policy
     report = apply_policy(opt, UPDATED, policy="reset", model=model)
@@ -239,3 +246,37 @@ def test_expected_counts_match_a_real_application():
             report.preserved, report.attenuated, report.reset)
     with pytest.raises(ConfigError):
         expected_counts(-1, 2, "reset", 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fused", "capturable"])
+def test_reset_and_attenuate_on_cuda_state(impl):
+    """CUDA optimizers keep ``step`` as a device tensor (fused / capturable): same guarantees."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    model = make_model().cuda()
+    kw = {"fused": True} if impl == "fused" else {"capturable": True, "foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **kw)
+    x, y = torch.randn(16, 6, device="cuda"), torch.randn(16, 3, device="cuda")
+
+    def one_step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        one_step()
+    params = dict(model.named_parameters())
+    before = {k: v.clone() for k, v in opt.state[params["2.weight"]].items()}
+    apply_policy(opt, {"2.weight"}, policy="attenuate", attenuation=0.5, model=model)
+    assert torch.equal(opt.state[params["2.weight"]]["exp_avg"], before["exp_avg"] * 0.5)
+    assert torch.equal(opt.state[params["2.weight"]]["step"], before["step"])
+    apply_policy(opt, {"0.weight"}, policy="reset", model=model)
+    fresh = torch.nn.Parameter(params["0.weight"].detach().clone())
+    one_step()
+    fresh.grad = params["0.weight"].grad.clone()
+    fresh_opt = torch.optim.AdamW([fresh], lr=1e-2, **kw)
+    fresh_opt.step()
+    torch.testing.assert_close(params["0.weight"], fresh, rtol=0, atol=0)
+    assert opt.state[params["0.weight"]]["step"].device.type == "cuda"
