@@ -101,41 +101,50 @@ def save_checkpoint(folder, model) -> None:
     write_sidecar(folder, model, step=5, version=2)
 
 
-def test_opt_check_counts_text_and_json():
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """The same entry point as the ``hotweights`` command, in this process (no interpreter start-up)."""
+    from hotweights_trainer.cli import main
+
+    try:
+        rc = main(["opt-check", *argv])
+    except SystemExit as exc:  # argparse usage errors exit 2
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_opt_check_counts_text_and_json(capsys, monkeypatch):
+    # As a user runs it: a real `python -m hotweights_trainer` process.
     text = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "3", "--unchanged", "10",
                        "--policy", "attenuate", "--attenuation", "0.5"]).stdout
     assert "preserved         10" in text and "attenuated         3" in text
     assert "reset              0" in text
     assert "sqrt(a) = 0.7071" in text and "a / sqrt(a)" in text
-    cmd = ["-m", "hotweights_trainer", "opt-check", "--updated", "3", "--unchanged", "10"]
-    out = json.loads(run_python(cmd + ["--policy", "reset", "--json"]).stdout)
-    assert (out["preserved"], out["attenuated"], out["reset"]) == (10, 0, 3)
+    rc, out, _ = cli(capsys, "--updated", "3", "--unchanged", "10", "--policy", "reset", "--json")
+    out = json.loads(out)
+    assert rc == 0 and (out["preserved"], out["attenuated"], out["reset"]) == (10, 0, 3)
     assert out["effective_update_scale"] is None and out["moment_scale"] == 0.0
-    env = _env(HOTWEIGHTS_OPT_POLICY="attenuate", HOTWEIGHTS_OPT_ATTENUATION="0.25")
-    env_default = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "1", "--unchanged", "1",
-                              "--json"], env=env)
-    out = json.loads(env_default.stdout)
+    monkeypatch.setenv("HOTWEIGHTS_OPT_POLICY", "attenuate")
+    monkeypatch.setenv("HOTWEIGHTS_OPT_ATTENUATION", "0.25")
+    rc, out, _ = cli(capsys, "--updated", "1", "--unchanged", "1", "--json")
+    out = json.loads(out)
     assert out["policy"] == "attenuate" and out["effective_update_scale"] == 0.5 and out["attenuated"] == 1
 
 
-def _env(**extra):
-    from tests.conftest import child_env
-
-    return child_env(**extra)
-
-
-def test_opt_check_rejects_bad_input():
+def test_opt_check_rejects_bad_input(capsys):
     bad = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "1", "--unchanged", "1",
                       "--policy", "zero"], check=False)
     assert bad.returncode == 1 and "optimizer policy must be one of preserve, reset, attenuate" in bad.stderr
-    bad = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "1", "--unchanged", "1",
-                      "--policy", "attenuate", "--attenuation", "2"], check=False)
-    assert bad.returncode == 1 and "within [0, 1]" in bad.stderr
-    usage = run_python(["-m", "hotweights_trainer", "opt-check", "--updated", "1"], check=False)
-    assert usage.returncode == 2
+    rc, _, err = cli(capsys, "--updated", "1", "--unchanged", "1", "--policy", "attenuate",
+                     "--attenuation", "2")
+    assert rc == 1 and "within [0, 1]" in err
+    rc, _, err = cli(capsys, "--updated", "1", "--unchanged", "-1")
+    assert rc == 1 and "non-negative" in err
+    assert cli(capsys, "--updated", "1")[0] == 2
+    assert cli(capsys, "--checkpoint", "x", "--updated", "1")[0] == 2
 
 
-def test_opt_check_checkpoint_preview(tmp_path):
+def test_opt_check_checkpoint_preview(tmp_path, capsys):
     model = small_model()
     ckpt = tmp_path / "checkpoint-5"
     save_checkpoint(ckpt, model)
@@ -144,23 +153,26 @@ def test_opt_check_checkpoint_preview(tmp_path):
     save_checkpoint(tmp_path / "swapped", model)
     from safetensors.torch import save_file
 
-    args = ["-m", "hotweights_trainer", "opt-check", "--checkpoint", str(ckpt), "--policy", "reset"]
-    same = json.loads(run_python(args + ["--json"]).stdout)  # the checkpoint's own weights: nothing changed
-    assert (same["preserved"], same["reset"], same["updated_names"]) == (4, 0, [])
     swapped = tmp_path / "swapped" / "model.safetensors"
+    args = ["-m", "hotweights_trainer", "opt-check", "--checkpoint", str(ckpt), "--policy", "reset"]
     out = json.loads(run_python(args + ["--weights", str(swapped), "--json"]).stdout)
     assert out["updated_names"] == ["0.weight"] and (out["preserved"], out["reset"]) == (3, 1)
     assert (out["step"], out["version"]) == (5, 2)
-    text = run_python(args + ["--weights", str(swapped), "--policy", "attenuate",
-                              "--attenuation", "0.5"]).stdout
+    rc, same, _ = cli(capsys, "--checkpoint", str(ckpt), "--policy", "reset", "--json")
+    same = json.loads(same)  # the checkpoint's own weights: nothing changed
+    assert (same["preserved"], same["reset"], same["updated_names"]) == (4, 0, [])
+    rc, text, _ = cli(capsys, "--checkpoint", str(ckpt), "--weights", str(swapped), "--policy", "attenuate",
+                      "--attenuation", "0.5")
     assert "updated: 0.weight" in text and "attenuated         1" in text and "(step 5, version 2)" in text
     # A resized tensor is always reset, whatever the policy.
     resized = dict(model.state_dict())
     resized["2.bias"] = torch.zeros(3, dtype=torch.bfloat16)
     save_file(resized, str(tmp_path / "resized.safetensors"))
-    out = json.loads(run_python(args[:-2] + ["--policy", "preserve", "--json",
-                                             "--weights", str(tmp_path / "resized.safetensors")]).stdout)
+    rc, out, _ = cli(capsys, "--checkpoint", str(ckpt), "--policy", "preserve", "--json",
+                     "--weights", str(tmp_path / "resized.safetensors"))
+    out = json.loads(out)
     assert out["shape_changed"] == ["2.bias"] and out["reset"] == 1 and out["preserved"] == 3
-    missing = run_python(["-m", "hotweights_trainer", "opt-check", "--checkpoint", str(tmp_path)],
-                         check=False)
-    assert missing.returncode == 1 and "no hotweights sidecar" in missing.stderr
+    rc, _, err = cli(capsys, "--checkpoint", str(tmp_path))
+    assert rc == 1 and "no hotweights sidecar" in err
+    rc, _, err = cli(capsys, "--checkpoint", str(ckpt), "--weights", str(tmp_path / "nothing-here"))
+    assert rc == 1 and "no weights to compare" in err
