@@ -116,6 +116,10 @@ class FencedError(CoordinatorError):
     """A write carried a stale fencing token or version and was rejected."""
 
 
+class MetricsError(HotweightsError, RuntimeError):
+    """The Prometheus exporter cannot be started, reached, or read (e.g. its port is taken)."""
+
+
 def missing_dependency(module: str, extra: str, package: str | None = None) -> ImportError:
     """Build the ImportError raised when an optional dependency is absent.
 

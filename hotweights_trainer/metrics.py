@@ -7,6 +7,18 @@ themselves apart with an ``endpoint`` label.
 
 ``SyncConfig.metrics_port`` (``HOTWEIGHTS_METRICS_PORT``) starts an HTTP exporter on
 ``metrics_host`` (loopback by default); :func:`snapshot` returns the current values as a dict.
+``hotweights metrics`` reads an exporter from another process (:mod:`.metrics_client`).
+
+What each ``hotweights_sync_seconds`` phase measures (publisher unless noted):
+
+- ``gather``: producing the tensors from the source (state dict walk, ZeRO-3 gathers);
+- ``encode``: getting a bucket buffer from the transport and packing (and casting) tensors into it;
+  on ``shm://`` this write into shared memory is the copy that moves the bytes;
+- ``transfer``: handing packed buckets to the transport (``post``), including any wait on its
+  in-flight window;
+- ``commit``: from ``end`` until every receiver verified and staged the version and ``commit`` went out
+  (the two-phase commit, including receivers still verifying the last buckets);
+- ``apply`` (receiver): the pause while a committed version is copied into the model.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ from typing import Any, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .errors import MetricsError
+
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -27,10 +41,12 @@ PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 SYNC_SECONDS = Histogram(
     "hotweights_sync_seconds", "Seconds spent per sync phase (gather, encode, transfer, commit, apply)",
     ["endpoint", "phase"], buckets=PHASE_BUCKETS, registry=REGISTRY)
-BYTES = Counter("hotweights_bytes", "Bytes actually sent (payload plus headers)", ["endpoint"],
-                registry=REGISTRY)
-DENSE_BYTES = Counter("hotweights_dense_bytes", "Bytes a dense (non-delta) send of the same tensors takes",
-                      ["endpoint"], registry=REGISTRY)
+BYTES = Counter("hotweights_bytes",
+                "Bytes of committed versions as packed for the transport (payload plus headers), "
+                "once per version", ["endpoint"], registry=REGISTRY)
+DENSE_BYTES = Counter("hotweights_dense_bytes",
+                      "Bytes a dense (non-delta) send of the same committed versions takes", ["endpoint"],
+                      registry=REGISTRY)
 PUBLISHER_VERSION = Gauge("hotweights_publisher_version", "Last version committed by the publisher",
                           ["endpoint"], registry=REGISTRY)
 RECEIVER_VERSION = Gauge("hotweights_receiver_version", "Version live on this receiver",
@@ -55,7 +71,12 @@ def start_exporter(port: int, host: str = "127.0.0.1") -> Optional[int]:
 
     with _server_lock:
         if (host, port) not in _servers:
-            _servers[(host, port)] = start_http_server(port, addr=host, registry=REGISTRY)
+            try:
+                _servers[(host, port)] = start_http_server(port, addr=host, registry=REGISTRY)
+            except OSError as exc:  # port taken, address not local, no permission
+                raise MetricsError(
+                    f"cannot serve metrics on {host}:{port} (metrics_port / HOTWEIGHTS_METRICS_PORT): "
+                    f"{exc}; pick another port, or 0 to turn the exporter off") from exc
             log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
     return port
 

@@ -111,10 +111,11 @@ class WeightPublisher:
         self._current: Optional[_Version] = None
         self._closed = False
         self.last_result: Optional[PublishResult] = None
+        self._ep = str(self.endpoint)
+        # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
+        metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
         self._tx.start(self)
-        self._ep = str(self.endpoint)
-        metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         log.info("publisher on %s (transport %s, bucket %d MiB)", self.endpoint, self._tx.name,
                  self.config.bucket_mb)
 

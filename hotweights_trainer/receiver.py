@@ -236,6 +236,7 @@ class WeightReceiver:
                 if st is not None and st.version == msg["version"]:
                     log.info("version %d aborted by the publisher: %s", st.version, msg["reason"][:300])
                     self._discard()
+                self._unannounce(msg["version"])
 
     def on_bucket(self, version: int, index: int, data: memoryview) -> None:
         with self._lock:
@@ -277,6 +278,13 @@ class WeightReceiver:
         metrics.VERSION_LAG.labels(self._ep, self.receiver_id).set(self._announced - self._live_version)
         self._staging = StagedVersion(msg["version"], msg["session"], step if isinstance(step, int) else None)
         self._staging_error = None
+
+    def _unannounce(self, version: int) -> None:
+        """An aborted version never goes live, so the lag stops counting it."""
+        if version == self._announced:
+            pending = self._pending.version if self._pending is not None else 0
+            self._announced = max(self._live_version, pending)
+            metrics.VERSION_LAG.labels(self._ep, self.receiver_id).set(self._announced - self._live_version)
 
     def _end(self, msg: dict[str, Any]) -> None:
         st = self._staging
