@@ -152,7 +152,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bucket-mb", type=int, default=SyncConfig().bucket_mb)
     ap.add_argument("--skip-gloo", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke-sized run (32 MiB, 2 reps) that checks the script works; numbers mean nothing")
     args = ap.parse_args()
+    if args.quick:
+        args.gib, args.tensors, args.reps = 1 / 32, 32, 2
     total = int(args.gib * (1 << 30))
     tensors = make_tensors(total, args.tensors)
     nbytes = sum(t.numel() * 2 for t in tensors.values())
