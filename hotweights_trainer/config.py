@@ -377,11 +377,12 @@ class SyncConfig:
         return cfg
 
 
-NON_CONFIG_VARIABLES = frozenset({
-    # Read by the test suite (not the library): which optional parts must not be skipped.
-    "HOTWEIGHTS_REQUIRE",
-})
-"""``HOTWEIGHTS_*`` names that are deliberately not SyncConfig fields."""
+NON_CONFIG_VARIABLES: Mapping[str, str] = {
+    "HOTWEIGHTS_REQUIRE": "read by the test suite, not the library: a comma list of optional parts "
+                          "(mpi, ucx, redis, deepspeed, hf) whose tests must fail instead of skipping",
+}
+"""``HOTWEIGHTS_*`` names that are deliberately not SyncConfig fields, each with the reason
+(docs/TUNING.md lists them)."""
 
 
 def _failed(name: str, problems: list[str]) -> bool:

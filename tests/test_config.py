@@ -1,17 +1,15 @@
-"""SyncConfig: typed fields, environment parsing, all problems reported at once, seed-guide names."""
+"""SyncConfig: typed fields, environment parsing, all problems reported at once.
+
+The seed guide's names are checked with the generated docs, in test_docs.py."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 
 from hotweights_trainer import ConfigError, SyncConfig
-from hotweights_trainer.config import NON_CONFIG_VARIABLES, field_docs
-
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "TUNING.md"
+from hotweights_trainer.config import field_docs
 
 
 def test_defaults_and_env_parsing():
@@ -51,11 +49,3 @@ def test_unknown_variable_is_warned(caplog):
 
 def test_every_field_is_documented():
     assert set(field_docs()) == {f.name for f in fields(SyncConfig)}
-
-
-def test_seed_guide_names_are_fields():
-    if not SEED.exists():
-        pytest.skip("seed tuning guide not present in this checkout layout")
-    names = set(re.findall(r"HOTWEIGHTS_[A-Z0-9_]+", SEED.read_text(encoding="utf-8", errors="replace")))
-    known = {SyncConfig.env_name(f.name) for f in fields(SyncConfig)} | set(NON_CONFIG_VARIABLES)
-    assert names and not (names - known), sorted(names - known)
