@@ -10,7 +10,7 @@ TEST_EXTRAS ?= hf,deepspeed,mpi,ucx,redis,zstd,dev
 DEMO_EXTRAS ?= hf
 PYTEST_ARGS ?=
 
-.PHONY: demo test install-demo install-test bench clean
+.PHONY: demo test install-demo install-test bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: install-test
 
 bench: install-test
 	$(PY) bench/run_all.py
+
+# docs/TUNING.md is generated from SyncConfig's fields and docstrings.
+docs: install-demo
+	$(PY) scripts/gen_tuning_doc.py
 
 clean:
 	rm -rf $(VENV) .torch-ok build *.egg-info .pytest_cache
