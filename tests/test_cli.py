@@ -23,6 +23,7 @@ from tests.conftest import ROOT, child_env, free_port, run_python
 SUBCOMMANDS: dict[str, bool] = {
     "bench": True,
     "demo": True,
+    "kv-check": True,
     "metrics": True,
 }
 
