@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, bool] = {
     "demo": True,
     "kv-check": True,
     "metrics": True,
+    "opt-check": True,
 }
 
 
