@@ -59,6 +59,30 @@ ERRORS = Counter("hotweights_errors", "Errors by kind (exception class)", ["endp
 RECEIVERS = Gauge("hotweights_receivers", "Receivers connected to this publisher", ["endpoint"],
                   registry=REGISTRY)
 
+# ---------------------------------------------------------------- delta sync and async publishing
+DELTA_DENSITY = Gauge("hotweights_delta_density",
+                      "Fraction of elements whose bytes changed in the last push (ranges that had a base)",
+                      ["endpoint"], registry=REGISTRY)
+PUSH_BYTES = Gauge("hotweights_push_bytes", "Bytes sent by the last push (payload plus headers)", ["endpoint"],
+                   registry=REGISTRY)
+PUSH_DENSE_BYTES = Gauge("hotweights_push_dense_bytes",
+                         "Bytes a dense send of the last push would have taken", ["endpoint"], registry=REGISTRY)
+DELTA_SECONDS = Histogram("hotweights_delta_seconds",
+                          "Seconds per version spent encoding (publisher) or decoding (receiver) deltas",
+                          ["endpoint", "op"], buckets=PHASE_BUCKETS, registry=REGISTRY)
+RESYNCS = Counter("hotweights_resyncs",
+                  "Tensor ranges re-sent dense because a receiver's base did not match "
+                  "(role=receiver: requested, role=publisher: served)", ["endpoint", "role"], registry=REGISTRY)
+ASYNC_SKIPPED = Counter("hotweights_async_skipped",
+                        "Step boundaries whose version was skipped because pushes were still in flight",
+                        ["endpoint"], registry=REGISTRY)
+ASYNC_WAIT_SECONDS = Histogram("hotweights_async_wait_seconds",
+                               "Seconds the training thread spent at a step boundary (waiting for a slot "
+                               "plus taking the snapshot)", ["endpoint"], buckets=PHASE_BUCKETS,
+                               registry=REGISTRY)
+ASYNC_INFLIGHT = Gauge("hotweights_async_inflight", "Asynchronous pushes queued or running", ["endpoint"],
+                       registry=REGISTRY)
+
 _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], Any] = {}
 

@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 from . import metrics
 from .config import SyncConfig
+from .delta.encoder import DeltaStats
+from .delta.engine import make_publisher_delta
 from .errors import (ClosedError, CorruptBucketError, HotweightsError, ManifestMismatchError,
                      SyncTimeoutError, VersionAbortedError, WireFormatError)
 from .naming import NameMap
@@ -53,6 +55,8 @@ class PublishResult:
     dense_bytes: int = 0
     step: Optional[int] = None
     phases: dict[str, float] = field(default_factory=dict)
+    delta: Optional[DeltaStats] = None
+    """Delta-sync numbers of this version (changed elements, payload vs dense bytes); None when off."""
 
     @property
     def gbps(self) -> float:
@@ -115,6 +119,8 @@ class WeightPublisher:
         # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
+        self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
+                                           endpoint_label=self._ep)
         self._tx.start(self)
         log.info("publisher on %s (transport %s, bucket %d MiB)", self.endpoint, self._tx.name,
                  self.config.bucket_mb)
@@ -166,6 +172,8 @@ class WeightPublisher:
                 return
             self._closed = True
             self._cond.notify_all()
+        if self._delta is not None:
+            self._delta.close()
         self._tx.close()
         log.info("publisher on %s closed", self.endpoint)
 
@@ -203,8 +211,11 @@ class WeightPublisher:
         nbytes = 0
         t_pack = 0.0
         gather = _Timed(iter_source(source, self.name_map))
+        delta = DeltaStats() if self._delta is not None else None
         try:
-            for index, plan in enumerate(plan_buckets(gather, cfg.bucket_bytes, cfg.torch_send_dtype)):
+            planner = (self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None
+                       else plan_buckets(gather, cfg.bucket_bytes, cfg.torch_send_dtype))
+            for index, plan in enumerate(planner):
                 tp = time.perf_counter()
                 buf = self._tx.alloc(plan.total_len)
                 with self._lock:
@@ -228,6 +239,8 @@ class WeightPublisher:
             metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
         t_staged = time.perf_counter()
+        if self._delta is not None:
+            self._delta.commit(version)  # this version's snapshots become the next delta's bases
         with self._lock:
             rec.state = "committed"
             previous, self._committed = self._committed, rec
@@ -240,16 +253,23 @@ class WeightPublisher:
                 if rid not in rec.quorum:
                     self._catch_up(rid, rec)
         t1 = time.perf_counter()
+        t_encode = t_pack + (delta.encode_seconds if delta is not None else 0.0)
+        dense_bytes = nbytes + (delta.dense_bytes - delta.payload_bytes if delta is not None else 0)
         result = PublishResult(
             version=version, bytes_sent=nbytes, tensors_sent=len(manifest), seconds=t1 - t0,
-            buckets=len(rec.buffers), receivers=len(rec.staged), dense_bytes=nbytes, step=step,
-            phases={"gather": gather.seconds, "encode": t_pack,
-                    "transfer": max(t_sent - t0 - t_pack - gather.seconds, 0.0), "commit": t1 - t_sent,
-                    "wait_staged": t_staged - t_sent})
+            buckets=len(rec.buffers), receivers=len(rec.staged), dense_bytes=dense_bytes, step=step,
+            phases={"gather": gather.seconds, "encode": t_encode,
+                    "transfer": max(t_sent - t0 - t_encode - gather.seconds, 0.0), "commit": t1 - t_sent,
+                    "wait_staged": t_staged - t_sent}, delta=delta)
         for phase in ("gather", "encode", "transfer", "commit"):
             metrics.SYNC_SECONDS.labels(self._ep, phase).observe(result.phases[phase])
         metrics.BYTES.labels(self._ep).inc(nbytes)
         metrics.DENSE_BYTES.labels(self._ep).inc(result.dense_bytes)
+        metrics.PUSH_BYTES.labels(self._ep).set(nbytes)
+        metrics.PUSH_DENSE_BYTES.labels(self._ep).set(result.dense_bytes)
+        if delta is not None:
+            metrics.DELTA_DENSITY.labels(self._ep).set(delta.density)
+            metrics.DELTA_SECONDS.labels(self._ep, "encode").observe(delta.encode_seconds)
         metrics.PUBLISHER_VERSION.labels(self._ep).set(version)
         self.last_result = result
         log.debug("published version %d: %d tensors, %.1f MB, %d receivers, %.1f ms", version,
@@ -321,6 +341,8 @@ class WeightPublisher:
         with self._lock:
             live = hello["live_version"]
             self._receivers[rid] = _Receiver(rid, hello["pid"], live, time.monotonic())
+            if self._delta is not None:
+                self._delta.on_join(rid, hello)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
             if live >= self._next_version:
                 # A restarted publisher continues numbering above what receivers already run.
@@ -328,7 +350,7 @@ class WeightPublisher:
                 self._next_version = live + 1
             committed = self._committed.version if self._committed else 0
             self._tx.send([rid], {"op": "welcome", "session": self.session, "pid": os.getpid(),
-                                  "version": committed})
+                                  "version": committed, "delta": self._delta is not None})
             log.info("receiver %s joined %s (live version %d)", rid, self.endpoint, live)
             if self._committed is not None:
                 self._catch_up(rid, self._committed)
@@ -336,6 +358,8 @@ class WeightPublisher:
 
     def on_message(self, rid: str, msg: dict[str, Any]) -> None:
         op = msg["op"]
+        if self._delta is not None:
+            self._delta.on_message(rid, msg)  # resync requests; frees resync buffers
         with self._lock:
             rec = self._versions.get(msg.get("version", -1))
             if op == "staged" and rec is not None:
@@ -361,6 +385,8 @@ class WeightPublisher:
         with self._lock:
             self._receivers.pop(rid, None)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
+            if self._delta is not None:
+                self._delta.on_lost(rid)
             for rec in list(self._versions.values()):
                 rec.holders.discard(rid)
                 rec.catchup.pop(rid, None)

@@ -23,6 +23,7 @@ import torch
 
 from . import metrics
 from .config import SyncConfig
+from .delta.engine import ReceiverDelta
 from .errors import (ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
                      SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
@@ -85,6 +86,7 @@ class WeightReceiver:
         self._announced = 0
         self._ep = str(self.endpoint)
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
+        self._delta = ReceiverDelta(self.config, self._ep)
         self._tx = create_receiver_transport(self.endpoint, self.config)
         self._tx.start(self, self._hello)
 
@@ -195,6 +197,7 @@ class WeightReceiver:
 
     def _release(self, staged: StagedVersion) -> None:
         staged.buckets.clear()  # drop our views of the publisher's buffers before saying so
+        staged.private.clear()  # the shadow keeps what it needs
         try:
             self._tx.send({"op": "release", "version": staged.version})
         except HotweightsError:
@@ -225,6 +228,7 @@ class WeightReceiver:
                 return
             if op == "welcome":
                 self._session = msg["session"]
+                self._delta.on_welcome(msg)
             elif op == "begin":
                 self._begin(msg)
             elif op == "end":
@@ -245,9 +249,17 @@ class WeightReceiver:
                 return
             try:
                 header = decode_bucket(data, max_header_bytes=self.config.max_message_bytes)
+                if self._delta.is_resync(header):
+                    self._delta.on_resync_bucket(st, header, data)
+                    if st.end_seen and not st.needs:
+                        self._staged(st)
+                    return
                 st.add_bucket(header, data, self._resolve if self._check else None)
+                self._delta.on_bucket(st, header, data)
             except HotweightsError as exc:
                 self._staging_error = exc
+                if st.end_seen:
+                    self._reject(st, exc)
 
     def on_bucket_failed(self, version: int, index: int, error: Exception) -> None:
         with self._lock:
@@ -268,7 +280,7 @@ class WeightReceiver:
     # ---------------------------------------------------------------- protocol steps (lock held)
     def _hello(self) -> dict[str, Any]:
         return {"op": "hello", "receiver_id": self.receiver_id, "pid": os.getpid(),
-                "live_version": self._live_version}
+                "live_version": self._live_version, **self._delta.hello_fields()}
 
     def _begin(self, msg: dict[str, Any]) -> None:
         if self._staging is not None:
@@ -297,22 +309,35 @@ class WeightReceiver:
             except HotweightsError as exc:
                 err = exc
         if err is not None:
-            nack: dict[str, Any] = {"op": "nack", "version": st.version, "error": type(err).__name__,
-                                    "message": str(err)[:4000]}
-            if isinstance(err, ManifestMismatchError):
-                nack["problems"] = err.problems
-            log.error("rejecting version %d: %s", st.version, err)
-            self._record_error(err)
-            self._discard()
-            self._send(nack)
+            self._reject(st, err)
             return
+        st.end_seen = True
+        request = self._delta.resync_request(st)
+        if request is not None:
+            self._send(request)  # "staged" follows once the dense copies arrived and matched
+            return
+        self._staged(st)
+
+    def _staged(self, st: StagedVersion) -> None:
+        self._delta.on_staged(st)
         self._send({"op": "staged", "version": st.version})
+
+    def _reject(self, st: StagedVersion, err: HotweightsError) -> None:
+        nack: dict[str, Any] = {"op": "nack", "version": st.version, "error": type(err).__name__,
+                                "message": str(err)[:4000]}
+        if isinstance(err, ManifestMismatchError):
+            nack["problems"] = err.problems
+        log.error("rejecting version %d: %s", st.version, err)
+        self._record_error(err)
+        self._discard()
+        self._send(nack)
 
     def _commit(self, version: int) -> None:
         st = self._staging
-        if st is None or st.version != version or not st.complete:
+        if st is None or st.version != version or not st.complete or st.needs:
             return
         self._staging = None
+        self._delta.on_commit(st)  # the shadow follows commits, not applies
         if st.session == self._live_session and version <= self._live_version:
             self._release(st)  # a catch-up of what we already run
             return

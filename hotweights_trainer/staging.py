@@ -17,7 +17,7 @@ import torch
 from .errors import ManifestMismatchError, WireFormatError
 from .naming import NameMap, map_name, strip_wrappers
 from .source import unwrap_model
-from .wire.bucket import BucketHeader, Entry
+from .wire.bucket import ENC_DENSE, BucketHeader, Entry
 from .wire.dtypes import dtype_name
 from .wire.manifest import ManifestBuilder
 
@@ -67,6 +67,14 @@ class StagedVersion:
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
     nbytes: int = 0
     complete: bool = False
+    # Delta sync (hotweights_trainer/delta/shadow.py): receiver-private tensors per range
+    # (name, elem_start, elem_count), used instead of the bucket bytes; ranges still needed from a
+    # resync, with the xxh3 their delta entry announced; xxh3 of private tensors when known.
+    private: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    needs: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    hashes: dict[tuple[str, int, int], Optional[int]] = field(default_factory=dict)
+    decode_seconds: float = 0.0
+    end_seen: bool = False
 
     def add_bucket(self, header: BucketHeader, data: memoryview,
                    resolve: Optional[Callable[[str], tuple[Optional[str], Optional[torch.Tensor]]]]) -> None:
@@ -113,6 +121,15 @@ class StagedVersion:
             raise ManifestMismatchError(self.problems)
         self.complete = True
 
+    def entry_tensor(self, header: BucketHeader, data: memoryview, e: Entry) -> torch.Tensor:
+        """The elements of one entry: its private (decoded or copied) tensor, else the bucket bytes."""
+        private = self.private.get((e.name, e.elem_start, e.elem_count))
+        if private is not None:
+            return private
+        if e.encoding != ENC_DENSE:
+            raise WireFormatError(f"tensor {e.name!r}: encoded entry was never decoded")
+        return payload_tensor(data, header, e)
+
     def entries(self) -> Iterator[tuple[BucketHeader, memoryview, Entry]]:
         for index in sorted(self.buckets):
             header, data = self.buckets[index]
@@ -124,13 +141,13 @@ class StagedVersion:
         partial: dict[str, tuple[torch.Tensor, int]] = {}
         for header, data, e in self.entries():
             if e.is_whole:
-                yield e.name, payload_tensor(data, header, e).view(e.shape) if e.elem_count else \
+                yield e.name, self.entry_tensor(header, data, e).view(e.shape) if e.elem_count else \
                     torch.empty(e.shape, dtype=e.dtype)
                 continue
             buf, done = partial.get(e.name, (None, 0))
             if buf is None:
                 buf = torch.empty(e.numel, dtype=e.dtype)
-            buf[e.elem_start:e.elem_start + e.elem_count].copy_(payload_tensor(data, header, e))
+            buf[e.elem_start:e.elem_start + e.elem_count].copy_(self.entry_tensor(header, data, e))
             done += e.elem_count
             if done == e.numel:
                 partial.pop(e.name, None)
@@ -149,7 +166,7 @@ def apply_to_targets(staged: StagedVersion, resolve: Callable[[str], tuple[Optio
             if target is None or e.elem_count == 0:
                 continue
             dst = target.data
-            src = payload_tensor(data, header, e)
+            src = staged.entry_tensor(header, data, e)
             if dst.is_contiguous():
                 dst.view(-1)[e.elem_start:e.elem_start + e.elem_count].copy_(src)
             else:

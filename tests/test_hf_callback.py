@@ -60,7 +60,8 @@ def test_trainer_callback_end_to_end(endpoint, tmp_path):
         assert [r.version for r in cb.results] == [1, 2, 3]
         logged = [h for h in trainer.state.log_history if "hotweights/version" in h]
         assert [h["hotweights/version"] for h in logged] == [1, 2, 3]
-        assert all(h["hotweights/bytes"] == cb.results[0].bytes_sent for h in logged)
+        # Delta sync (on by default) makes later pushes smaller; each logs its own byte count.
+        assert [h["hotweights/bytes"] for h in logged] == [r.bytes_sent for r in cb.results]
         final = None
         while final is None:
             msg = rx.next()

@@ -6,7 +6,8 @@ Header prefix, 64 bytes::
 
     magic        4s   b"HWB1"
     fmt          u16  format version (1)
-    flags        u16  reserved, 0
+    flags        u16  bit 0 (FLAG_RESYNC): dense copies of ranges a receiver asked for (delta resync),
+                      not part of the version's bucket count; other bits 0
     header_len   u32  bytes of the whole header, a multiple of 64; the payload starts here
     n_entries    u32  entries in the table below
     version      u64  weight version this bucket belongs to
@@ -20,10 +21,13 @@ Header prefix, 64 bytes::
 Entry table, ``n_entries`` x 64 bytes, then a blob with the names (UTF-8) and shapes (u64 each)::
 
     name_off u32, name_len u32, dims_off u32, ndim u32      offsets from the header start
-    dtype u8, encoding u8, flags u16, reserved u32          dtype code (wire/dtypes.py), 0 = dense
+    dtype u8, encoding u8, flags u16, reserved u32          dtype code (wire/dtypes.py), 0 = dense,
+                                                            1 = sparse delta (wire/delta.py)
     payload_off u64, payload_nbytes u64                     relative to the payload start, 64-aligned
     elem_start u64, elem_count u64                          the slice of the flattened tensor carried
-    tensor_xxh3 u64                                         xxh3-64 of the whole tensor (0 = not sent)
+    tensor_xxh3 u64                                         xxh3-64 of the entry's elements after
+                                                            decoding (0 = not sent; delta entries
+                                                            always send it)
 
 A tensor larger than a bucket is split into several entries (in several buckets) with increasing
 ``elem_start``. Nothing in here is pickled, and :func:`decode_header` checks every offset and length
@@ -49,8 +53,12 @@ ALIGN = 64
 MAX_NDIM = 16
 
 ENC_DENSE = 0
-KNOWN_ENCODINGS = {ENC_DENSE}
+ENC_DELTA = 1
+KNOWN_ENCODINGS = {ENC_DENSE, ENC_DELTA}
 """Entry encodings a receiver understands; other codecs register theirs here."""
+
+FLAG_RESYNC = 1
+KNOWN_FLAGS = FLAG_RESYNC
 
 _PREFIX = struct.Struct("<4sHHIIQIIQQQQ")
 _ENTRY = struct.Struct("<IIIIBBHIQQQQQ")
@@ -93,6 +101,7 @@ class BucketHeader:
     payload_len: int
     payload_xxh3: int
     entries: tuple[Entry, ...]
+    flags: int = 0
 
     @property
     def total_len(self) -> int:
@@ -121,7 +130,7 @@ def layout_payload(entries: Sequence[Entry]) -> tuple[list[Entry], int]:
 
 
 def write_header(buf: memoryview, *, version: int, index: int, session: int,
-                 entries: Sequence[Entry], payload_len: int) -> int:
+                 entries: Sequence[Entry], payload_len: int, flags: int = 0) -> int:
     """Write the header (without its checksums) at the start of ``buf``; returns its length.
 
     Call :func:`seal` once the payload is in place.
@@ -143,7 +152,7 @@ def write_header(buf: memoryview, *, version: int, index: int, session: int,
         _ENTRY.pack_into(buf, _PREFIX.size + _ENTRY.size * i, name_off, len(name), dims_off,
                          len(e.shape), dtype_code(e.dtype), e.encoding, 0, 0, e.payload_off,
                          e.payload_nbytes, e.elem_start, e.elem_count, e.tensor_xxh3)
-    _PREFIX.pack_into(buf, 0, MAGIC, FORMAT_VERSION, 0, hlen, len(entries), version, index, 0,
+    _PREFIX.pack_into(buf, 0, MAGIC, FORMAT_VERSION, flags, hlen, len(entries), version, index, 0,
                       payload_len, 0, session, 0)
     return hlen
 
@@ -172,12 +181,14 @@ def decode_header(buf: memoryview, *, max_header_bytes: int = 64 << 20) -> Bucke
     buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
     if len(buf) < _PREFIX.size:
         raise WireFormatError(f"truncated bucket: {len(buf)} bytes, header needs at least {_PREFIX.size}")
-    (magic, fmt, _flags, hlen, n, version, index, _r, plen, pxx, session,
+    (magic, fmt, flags, hlen, n, version, index, _r, plen, pxx, session,
      hxx) = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
         raise WireFormatError(f"not a hotweights bucket (magic {bytes(magic)!r})")
     if fmt != FORMAT_VERSION:
         raise WireFormatError(f"bucket format {fmt} is not supported (this build reads {FORMAT_VERSION})")
+    if flags & ~KNOWN_FLAGS:
+        raise WireFormatError(f"bucket has unknown flags {flags:#x}")
     if hlen % ALIGN or hlen < _PREFIX.size + _ENTRY.size * n or hlen > max_header_bytes:
         raise WireFormatError(f"bad header length {hlen} for {n} entries")
     if hlen > len(buf):
@@ -212,7 +223,7 @@ def decode_header(buf: memoryview, *, max_header_bytes: int = 64 << 20) -> Bucke
         if enc == ENC_DENSE and pnb != ecount * itemsize(dtype):
             raise WireFormatError(f"{where} ({name}): {pnb} payload bytes for {ecount} x {dtype}")
         entries.append(Entry(name, dtype, tuple(shape), estart, ecount, poff, pnb, enc, txx))
-    return BucketHeader(version, index, session, hlen, plen, pxx, tuple(entries))
+    return BucketHeader(version, index, session, hlen, plen, pxx, tuple(entries), flags)
 
 
 def verify_payload(buf: memoryview, header: BucketHeader) -> None:

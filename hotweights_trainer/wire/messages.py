@@ -31,6 +31,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "nack": {"version": int, "error": str, "message": str},
     "release": {"version": int},
     "heartbeat": {},
+    # receiver -> publisher, delta sync: dense copies of [name, elem_start, elem_count] ranges whose
+    # delta this receiver cannot apply (no or another base version, checksum mismatch after patching)
+    "resync": {"version": int, "ranges": list},
 }
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from .bucket import ALIGN, Entry, header_size, layout_payload, seal, write_header
+from .bucket import ALIGN, ENC_DENSE, Entry, header_size, layout_payload, seal, write_header
 from .dtypes import dtype_code, itemsize
 
 
@@ -25,6 +25,8 @@ class PlannedBucket:
     sources: list[torch.Tensor]
     header_len: int
     payload_len: int
+    presliced: bool = False
+    """Each source holds exactly its entry's bytes (a range, or an encoded payload as uint8)."""
 
     @property
     def total_len(self) -> int:
@@ -84,17 +86,22 @@ def plan_buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         yield flush()
 
 
-def pack_into(buf: memoryview, plan: PlannedBucket, *, version: int, index: int, session: int) -> int:
+def pack_into(buf: memoryview, plan: PlannedBucket, *, version: int, index: int, session: int,
+              flags: int = 0) -> int:
     """Write header and payload of ``plan`` into ``buf`` and seal it; returns the bucket length."""
     hlen = write_header(buf, version=version, index=index, session=session, entries=plan.entries,
-                        payload_len=plan.payload_len)
+                        payload_len=plan.payload_len, flags=flags)
     for entry, src in zip(plan.entries, plan.sources):
-        if entry.elem_count == 0:
+        if entry.elem_count == 0 or entry.payload_nbytes == 0:
             continue
         dst = torch.frombuffer(buf, dtype=torch.uint8, count=entry.payload_nbytes,
-                               offset=hlen + entry.payload_off).view(entry.dtype)
+                               offset=hlen + entry.payload_off)
+        if entry.encoding != ENC_DENSE:
+            dst.copy_(src.reshape(-1))  # an encoded payload, already bytes
+            continue
+        dst = dst.view(entry.dtype)
         flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
-        dst.copy_(flat[entry.elem_start:entry.elem_start + entry.elem_count])
+        dst.copy_(flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
     seal(buf[:hlen + plan.payload_len])
     return hlen + plan.payload_len
 
