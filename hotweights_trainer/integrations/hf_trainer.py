@@ -11,6 +11,11 @@ resumes from it, the parameters whose bytes differ from the sidecar count as upd
 ``opt_policy`` (preserve / reset / attenuate; default ``HOTWEIGHTS_OPT_POLICY``) is applied once to their
 optimizer state in ``on_train_begin``, after the Trainer loaded it (see ``hotweights_trainer.optim``).
 The report goes to the log and into the Trainer's log history as ``hotweights/opt_*``.
+
+With ``SyncConfig.async_publish`` the weights are snapshotted at the step boundary and pushed from a
+background thread (:class:`~hotweights_trainer.async_publisher.AsyncPublisher`) while the next step
+trains; the logs then show the newest push that finished. Training end waits for queued pushes and
+always sends the final weights.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Iterable, Optional
 
 from ..config import SyncConfig
 from ..errors import ConfigError, HotweightsError, missing_dependency
+from ..async_publisher import AsyncPublisher
 from ..publisher import PublishResult, WeightPublisher
 
 try:
@@ -42,6 +48,7 @@ class HotweightsCallback(TrainerCallback):
         self.config = config if config is not None else SyncConfig.from_env()
         self.close_on_train_end = close_on_train_end
         self.publisher: Optional[WeightPublisher] = None
+        self.async_publisher: Optional[AsyncPublisher] = None
         self.last_result: Optional[PublishResult] = None
         self.results: list[PublishResult] = []
         self.errors: list[HotweightsError] = []
@@ -80,10 +87,17 @@ class HotweightsCallback(TrainerCallback):
             self._push(model, state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None and self._last_step != state.global_step:
-            self._push(model, state)
-        if self.close_on_train_end:
-            self.close()
+        try:
+            final_skipped = (self.async_publisher is not None
+                             and self.async_publisher.last_submitted_step != state.global_step)
+            if model is not None and (self._last_step != state.global_step or final_skipped):
+                self._push(model, state, final=True)
+            if self.async_publisher is not None:
+                self._guard(state.global_step, self.async_publisher.flush)
+                self._collect_async()
+        finally:
+            if self.close_on_train_end:
+                self.close()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
         if logs is None or not self._unlogged:
@@ -95,9 +109,12 @@ class HotweightsCallback(TrainerCallback):
         self._unlogged = {}
 
     # ---------------------------------------------------------------- push
-    def _push(self, model: Any, state: Any) -> None:
+    def _push(self, model: Any, state: Any, final: bool = False) -> None:
         step = int(state.global_step)
         self._last_step = step
+        if self.config.async_publish:
+            self._push_async(model, state, step, final)
+            return
         try:
             source = self.tensors(model, state)
             if source is None:
@@ -109,12 +126,50 @@ class HotweightsCallback(TrainerCallback):
                 raise
             log.warning("weight push at step %d failed (on_error=warn, training continues): %s", step, exc)
             return
+        self._record(result)
+
+    def _push_async(self, model: Any, state: Any, step: int, final: bool) -> None:
+        def submit() -> None:
+            source = self.tensors(model, state)
+            if source is None:
+                return
+            if self.async_publisher is None:
+                self.async_publisher = AsyncPublisher(self._ensure_publisher(), config=self.config)
+            self.async_publisher.submit(source, step=step, force=final)
+
+        self._guard(step, submit)
+        self._collect_async()
+
+    def _guard(self, step: int, fn: Any) -> None:
+        try:
+            fn()
+        except HotweightsError as exc:
+            self.errors.append(exc)
+            if self.config.on_error == "raise":
+                raise
+            log.warning("weight push at step %d failed (on_error=warn, training continues): %s", step, exc)
+
+    def _collect_async(self) -> None:
+        apub = self.async_publisher
+        if apub is None:
+            return
+        for result in apub.results[len(self.results):]:
+            self._record(result)
+        known = {id(e) for e in self.errors}
+        self.errors.extend(e for e in apub.errors if id(e) not in known and isinstance(e, HotweightsError))
+
+    def _record(self, result: PublishResult) -> None:
         self.last_result = result
         self.results.append(result)
         self._unlogged = {"hotweights/version": result.version, "hotweights/sync_seconds": result.seconds,
                           "hotweights/bytes": result.bytes_sent}
 
     def close(self) -> None:
+        if self.async_publisher is not None:
+            try:
+                self.async_publisher.close()
+            finally:
+                self.async_publisher = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
