@@ -197,7 +197,7 @@ class WeightReceiver:
 
     def _release(self, staged: StagedVersion) -> None:
         staged.buckets.clear()  # drop our views of the publisher's buffers before saying so
-        staged.private.clear()  # the shadow keeps what it needs
+        self._delta.on_release(staged)  # private tensors go back to the pool (the shadow keeps its own)
         try:
             self._tx.send({"op": "release", "version": staged.version})
         except HotweightsError:

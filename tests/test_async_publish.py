@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -14,6 +12,7 @@ from hotweights_trainer.async_publisher import AsyncPublisher
 from hotweights_trainer.source import iter_source
 from hotweights_trainer.verify import weights_digest
 from tests.conftest import require
+from tests.procs import pause
 from tests.procs.spawn import Proc, start_receiver, write_spec
 
 
@@ -83,14 +82,14 @@ def test_skip_never_sends_a_mixed_version(endpoint):
 
             assert step(1)
             apub.flush()
-            os.kill(rx.p.pid, signal.SIGSTOP)  # the next push cannot finish while it is stopped
+            pause.stop(rx.p.pid)  # the next push cannot finish while it is stopped
             try:
                 assert step(2)
                 sent_while_stuck = [step(n) for n in range(3, 9)]
                 assert not any(sent_while_stuck)
                 assert apub.skipped_steps == list(range(3, 9))
             finally:
-                os.kill(rx.p.pid, signal.SIGCONT)
+                pause.cont(rx.p.pid)
             apub.flush()
             assert step(9)
             apub.close()
@@ -101,7 +100,7 @@ def test_skip_never_sends_a_mixed_version(endpoint):
             assert msg["digests"] == boundary[msg["step"]]
         assert seen[-1]["step"] == 9
     finally:
-        os.kill(rx.p.pid, signal.SIGCONT)
+        pause.cont(rx.p.pid)
         rx.kill()
 
 

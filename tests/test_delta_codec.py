@@ -78,6 +78,8 @@ def test_every_position_format_round_trips(count, n, itemsize, seed):
     new[pos] = old[pos] + kind(1) + rng.integers(0, 2, len(pos), dtype=kind)  # never equal to old
     plan = codec.analyze(old, new)
     assert plan.n_changed == len(pos)
+    limited = codec.analyze(old, new, limit=plan.nbytes)
+    assert limited is None  # at the limit: the caller sends dense instead
     payload = codec.serialize(plan, 1)
     assert len(payload) == plan.nbytes  # sizes are known exactly before anything is written
     got, _ = codec.decode(payload, old)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 from hotweights_trainer import ManifestMismatchError, SyncConfig, WeightPublisher, WeightReceiver, metrics
 from hotweights_trainer.verify import weights_digest
 from tests.procs.common import SpecModule, make_tensors
+from tests.procs import pause
 from tests.procs.spawn import start_receiver, write_spec
 
 CFG = SyncConfig(bucket_mb=1, timeout_s=20)
@@ -77,7 +76,7 @@ def test_missed_versions_recover_through_resync(endpoint):
             v1 = make_tensors(SPEC, 1)
             pub.publish(v1)
             assert rx.next()["digests"] == weights_digest(v1)
-            os.kill(rx.p.pid, signal.SIGSTOP)  # it cannot reconnect while stopped
+            pause.stop(rx.p.pid)  # it cannot reconnect while stopped
             rid = pub.receivers[0]
             pub.transport.drop(rid, "test: cut off")
             deadline = time.monotonic() + 10
@@ -90,12 +89,12 @@ def test_missed_versions_recover_through_resync(endpoint):
             served = pub._delta.resync.served_ranges
             res3 = pub.publish(v3)
             assert res3.delta.delta_entries > 0  # version 3 is a delta against version 2
-            os.kill(rx.p.pid, signal.SIGCONT)
+            pause.cont(rx.p.pid)
             got = rx.next(timeout=30)
             assert got["version"] == 3 and got["digests"] == weights_digest(v3)
             assert pub._delta.resync.served_ranges > served
     finally:
-        os.kill(rx.p.pid, signal.SIGCONT)
+        pause.cont(rx.p.pid)
         rx.kill()
 
 
@@ -229,3 +228,20 @@ def test_apply_callable_receives_whole_tensors(endpoint):
             assert weights_digest(store) == weights_digest(tensors)
             tensors = nudge(tensors, 0.01, v)
         assert res.delta.delta_entries >= 2
+
+
+def test_receiver_reuses_its_private_buffers(endpoint):
+    """Decoded ranges go into recycled buffers: fresh memory costs page faults on every version."""
+    model = SpecModule(SPEC)
+    key = ("embed.w", 0, 300 * 1000)
+    seen = set()
+    with WeightPublisher(endpoint, config=CFG) as pub, WeightReceiver(endpoint, model=model, config=CFG) as rx:
+        pub.wait_for_receivers(1)
+        tensors = make_tensors(SPEC, 1)
+        for v in range(1, 9):
+            pub.publish(tensors)
+            rx.wait_for_version(v)
+            assert weights_digest(model) == weights_digest(tensors)
+            seen.add(rx._delta.shadow._ranges[key].tensor.data_ptr())
+            tensors = nudge(tensors, 0.01, v)
+    assert len(seen) <= 3  # the shadow, the version being staged, and one in the pool

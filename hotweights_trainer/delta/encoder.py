@@ -168,12 +168,11 @@ class DeltaEncoder:
             stats.changed += len(positions)
             dense_nbytes = count * itemsize(dtype)
             forced = self.mode == "always"
-            if forced or codec.estimate_nbytes(old, new, positions) < dense_nbytes:
-                plan = codec.analyze(old, new, positions)
-                if forced or plan.nbytes < dense_nbytes:
-                    payload = codec.serialize(plan, r.base_tag, zstd_level=self.zstd_level)
-                    if not forced and len(payload) >= dense_nbytes:
-                        payload = None  # zstd made it larger than dense
+            plan = codec.analyze(old, new, positions, limit=None if forced else dense_nbytes)
+            if plan is not None:
+                payload = codec.serialize(plan, r.base_tag, zstd_level=self.zstd_level)
+                if not forced and len(payload) >= dense_nbytes:
+                    payload = None  # zstd made it larger than dense
             if payload is not None:
                 unchanged = len(positions) == 0 and r.base_hash is not None
                 new_hash = r.base_hash if unchanged else xxh3_of(r.scratch)

@@ -117,6 +117,9 @@ class ReceiverDelta:
         if self.shadow.enabled:
             self.shadow.commit(st)
 
+    def on_release(self, st: StagedVersion) -> None:
+        self.shadow.release(st)
+
 
 def _typed(fn: Any, st: StagedVersion, header: BucketHeader, data: memoryview) -> None:
     """Run a staging step; any failure becomes a WireFormatError that rejects the whole version."""

@@ -116,18 +116,21 @@ def _pack_fields(values: np.ndarray, widths: np.ndarray | int, total_bits: int) 
     if n == 0 or total_bits == 0:
         return np.zeros(_nbytes(total_bits), dtype=np.uint8)
     values = values.astype(np.uint64, copy=False)
-    w = np.broadcast_to(np.asarray(widths, dtype=np.int64), (n,))
-    ends = np.cumsum(w)
-    offsets = ends - w
-    nwords = (int(ends[-1]) + 31) // 32 + 2
+    if np.ndim(widths) == 0:
+        w = int(widths)
+        offsets = np.arange(0, n * w, w, dtype=np.int64)
+        wide = np.arange(n) if w > 32 else None
+        low = values & np.uint64((1 << min(w, 32)) - 1)
+    else:
+        w_arr = np.asarray(widths, dtype=np.int64)
+        offsets = np.cumsum(w_arr) - w_arr
+        wide = np.flatnonzero(w_arr > 32)
+        low = values & ((np.uint64(1) << np.minimum(w_arr, 32).astype(np.uint64)) - np.uint64(1))
+    nwords = (total_bits + 31) // 32 + 2
     acc = np.zeros(nwords, dtype=np.float64)
-    low_w = np.minimum(w, 32)
-    low = values & ((np.uint64(1) << low_w.astype(np.uint64)) - np.uint64(1))
     _add_subfields(acc, low, offsets)
-    wide = np.flatnonzero(w > 32)
-    if len(wide):
-        high = values[wide] >> np.uint64(32)
-        _add_subfields(acc, high, offsets[wide] + 32)
+    if wide is not None and len(wide):
+        _add_subfields(acc, values[wide] >> np.uint64(32), offsets[wide] + 32)
     words = acc.astype("<u4")
     return words.view(np.uint8)[:_nbytes(total_bits)].copy()
 
@@ -142,27 +145,31 @@ def _add_subfields(acc: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> 
 
 
 def _unpack_fields(stream: np.ndarray, widths: np.ndarray | int, n: int) -> np.ndarray:
-    """Inverse of :func:`_pack_fields`: read n fields of the given widths (0..64)."""
+    """Inverse of :func:`_pack_fields`: read n fields of the given widths (0..64).
+
+    Each field lies within two consecutive 64-bit words of the stream, so two word gathers and
+    shifts extract all fields at once.
+    """
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    w = np.broadcast_to(np.asarray(widths, dtype=np.int64), (n,))
-    offsets = np.cumsum(w) - w
-    padded = np.zeros(len(stream) + 16, dtype=np.uint8)
-    padded[:len(stream)] = stream
-    out = _window(padded, offsets) & _mask(np.minimum(w, 32))
-    wide = np.flatnonzero(w > 32)
-    if len(wide):
-        high = _window(padded, offsets[wide] + 32) & _mask(w[wide] - 32)
-        out[wide] |= high << np.uint64(32)
-    return out
-
-
-def _window(padded: np.ndarray, bit_offsets: np.ndarray) -> np.ndarray:
-    """The 64 bits starting at each byte ``bit_offsets >> 3``, shifted right by ``bit_offsets & 7``."""
-    starts = bit_offsets >> 3
-    rows = np.lib.stride_tricks.as_strided(padded, shape=(len(padded) - 7, 8), strides=(1, 1))
-    words = np.ascontiguousarray(rows[starts]).view(np.uint64).reshape(-1)
-    return words >> (bit_offsets & 7).astype(np.uint64)
+    if np.ndim(widths) == 0:
+        w = int(widths)
+        if w == 0:
+            return np.zeros(n, dtype=np.uint64)
+        offsets = np.arange(0, n * w, w, dtype=np.int64)
+        mask: np.ndarray | np.uint64 = np.uint64((1 << w) - 1)
+    else:
+        w_arr = np.asarray(widths, dtype=np.int64)
+        offsets = np.cumsum(w_arr) - w_arr
+        mask = _mask(w_arr) if w_arr.max() >= 64 else (
+            (np.uint64(1) << w_arr.astype(np.uint64)) - np.uint64(1))
+    words = np.zeros(len(stream) // 8 + 2, dtype="<u8")
+    words.view(np.uint8)[:len(stream)] = stream
+    index = offsets >> 6
+    shift = (offsets & 63).astype(np.uint64)
+    # (x << 1) << (63 - s) is x << (64 - s) without the undefined shift by 64 when s == 0.
+    out = (words[index] >> shift) | ((words[index + 1] << np.uint64(1)) << (np.uint64(63) - shift))
+    return out & mask
 
 
 def _mask(widths: np.ndarray) -> np.ndarray:
@@ -173,8 +180,9 @@ def _mask(widths: np.ndarray) -> np.ndarray:
 
 
 def _bit_length(m: np.ndarray) -> np.ndarray:
-    """Exact bit length of unsigned integers (0 for 0), via float exponents of 32-bit halves."""
-    m = m.astype(np.uint64, copy=False)
+    """Exact bit length of unsigned integers (0 for 0), from float exponents (exact below 2**53)."""
+    if m.dtype.itemsize <= 4:
+        return np.frexp(m.astype(np.float64))[1].astype(np.int64)
     hi = (m >> np.uint64(32)).astype(np.float64)
     lo = (m & np.uint64(0xFFFFFFFF)).astype(np.float64)
     return np.where(hi > 0, np.frexp(hi)[1] + 32, np.frexp(lo)[1]).astype(np.int64)
@@ -245,35 +253,24 @@ class DeltaPlan:
         return len(self.positions)
 
 
-def estimate_nbytes(old: np.ndarray, new: np.ndarray, positions: np.ndarray) -> int:
-    """Cheap estimate of the payload size from a sample of the changed elements.
+def _magnitudes(old_vals: np.ndarray, new_vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signed difference as (negative?, magnitude), in the element's own unsigned type, and the
+    magnitudes' bit lengths."""
+    kind = old_vals.dtype.type
+    d = new_vals - old_vals  # wraps modulo 2**bits in the unsigned type
+    negative = d >= kind(1 << (8 * old_vals.dtype.itemsize - 1))
+    mag = np.where(negative, kind(0) - d, d)  # two's complement magnitude, also wrapping
+    return negative, mag, _bit_length(mag)
 
-    Exact for up to ``_SAMPLE`` changed elements; beyond, the magnitude cost is extrapolated from
-    an evenly spaced sample, so a publisher can pick dense without analysing every element.
+
+def analyze(old: np.ndarray, new: np.ndarray, positions: Optional[np.ndarray] = None, *,
+            limit: Optional[int] = None) -> Optional[DeltaPlan]:
+    """Find the changed elements of ``new`` versus ``old`` (same-length unsigned arrays).
+
+    With ``limit``, returns None as soon as the payload is known to need ``limit`` bytes or more
+    (e.g. the dense size): beyond ``_SAMPLE`` changed elements an evenly spaced sample estimates
+    the magnitude cost first, so a dense-ish range is never analysed in full for nothing.
     """
-    count, n = len(old), len(positions)
-    _, _, pos_bytes = _position_layout(n, count)
-    if n == 0:
-        return HEADER_SIZE
-    sample = positions if n <= _SAMPLE else positions[:: n // _SAMPLE]
-    _, k = _magnitudes(old[sample], new[sample], old.dtype.itemsize)
-    class_bits = int(k.sum()) * n / len(sample)
-    return int(HEADER_SIZE + pos_bytes + _nbytes(n) + 2 * class_bits / 8)
-
-
-def _magnitudes(old_vals: np.ndarray, new_vals: np.ndarray, itemsize: int) -> tuple[np.ndarray, np.ndarray]:
-    """Signed difference as (negative?, magnitude uint64), and the magnitudes' bit lengths."""
-    bits = 8 * itemsize
-    d = (new_vals - old_vals).astype(np.uint64)  # wraps modulo 2**bits in the unsigned type
-    top = np.uint64(1) << np.uint64(bits - 1)
-    negative = d >= top
-    wrap = np.uint64(0) if bits == 64 else np.uint64(1) << np.uint64(bits)
-    mag = np.where(negative, wrap - d, d)  # wrap - d wraps again for 64-bit values: two's complement
-    return (negative, mag), _bit_length(mag)
-
-
-def analyze(old: np.ndarray, new: np.ndarray, positions: Optional[np.ndarray] = None) -> DeltaPlan:
-    """Find the changed elements of ``new`` versus ``old`` (same-length unsigned arrays)."""
     if old.shape != new.shape or old.dtype != new.dtype or old.ndim != 1:
         raise WireFormatError(f"delta needs two 1-D arrays of one dtype, got {old.shape}/{old.dtype} "
                               f"and {new.shape}/{new.dtype}")
@@ -281,12 +278,21 @@ def analyze(old: np.ndarray, new: np.ndarray, positions: Optional[np.ndarray] = 
     if positions is None:
         positions = changed_positions(old, new)
     n = len(positions)
-    (negative, mag), k = _magnitudes(old[positions], new[positions], itemsize)
-    mantissas = mag ^ (np.uint64(1) << np.maximum(k - 1, 0).astype(np.uint64))
-    mantissas[k == 0] = 0  # never for changed elements; keeps a bad caller from writing garbage
     pos_format, low, pos_bytes = _position_layout(n, count)
+    fixed = HEADER_SIZE + pos_bytes + _nbytes(n)
+    if limit is not None and n > _SAMPLE:
+        sample = positions[:: n // _SAMPLE]
+        _, _, k = _magnitudes(np.take(old, sample), np.take(new, sample))
+        if fixed + 2 * int(k.sum()) * n / len(sample) / 8 >= limit:
+            return None
+    negative, mag, k = _magnitudes(np.take(old, positions), np.take(new, positions))
     class_bits = int(k.sum())
-    nbytes = HEADER_SIZE + pos_bytes + _nbytes(n) + _nbytes(class_bits) + _nbytes(class_bits - n)
+    nbytes = fixed + _nbytes(class_bits) + _nbytes(class_bits - n)
+    if limit is not None and nbytes >= limit:
+        return None
+    kind = mag.dtype.type
+    mantissas = mag ^ (kind(1) << np.maximum(k - 1, 0).astype(mag.dtype))
+    mantissas[k == 0] = 0  # never for changed elements; keeps a bad caller from writing garbage
     return DeltaPlan(count, itemsize, positions, negative, k, mantissas, pos_format, low, nbytes)
 
 
@@ -325,7 +331,9 @@ def encode(old: np.ndarray, new: np.ndarray, base_version: int, *,
            zstd_level: Optional[int] = None) -> bytes:
     """Delta payload that turns ``old`` into ``new`` (arrays of any 1/2/4/8-byte dtype)."""
     old_u, new_u = uint_view(np.ascontiguousarray(old).reshape(-1)), uint_view(np.ascontiguousarray(new).reshape(-1))
-    return serialize(analyze(old_u, new_u), base_version, zstd_level=zstd_level)
+    plan = analyze(old_u, new_u)
+    assert plan is not None  # no limit given
+    return serialize(plan, base_version, zstd_level=zstd_level)
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -413,7 +421,9 @@ def decode(payload: memoryview | bytes | np.ndarray, base: np.ndarray, *,
     ends = _set_bits(take(_nbytes(h.class_bits)), h.class_bits, n, "magnitude classes")
     if ends[-1] != h.class_bits - 1:
         raise WireFormatError("delta payload: magnitude class stream does not end where the header says")
-    k = np.diff(ends, prepend=-1)
+    k = np.empty(n, dtype=np.int64)
+    k[0] = ends[0] + 1
+    np.subtract(ends[1:], ends[:-1], out=k[1:])
     if k.max() > 8 * h.itemsize:
         raise WireFormatError("delta payload: magnitude wider than the element")
     mant = _unpack_fields(take(_nbytes(h.class_bits - n)), k - 1, n)
@@ -443,5 +453,5 @@ def _zstd():
     return zstandard
 
 
-__all__ = ["encode", "decode", "analyze", "serialize", "estimate_nbytes", "read_header", "uint_view",
+__all__ = ["encode", "decode", "analyze", "serialize", "read_header", "uint_view",
            "changed_positions", "DeltaPlan", "DeltaHeader", "HEADER_SIZE", "MAGIC", "UINT_TYPES"]
