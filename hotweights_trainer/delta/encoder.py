@@ -219,6 +219,10 @@ class DeltaEncoder:
         return None
 
     @property
+    def range_count(self) -> int:
+        return len(self._ranges)
+
+    @property
     def snapshot_bytes(self) -> int:
         """Host memory held by snapshots."""
         total = 0

@@ -36,7 +36,7 @@ class PublisherDelta:
         self._incapable: set[str] = set()
         self.resync = ResyncServer(self.encoder, transport, session=session, bucket_bytes=config.bucket_bytes,
                                    endpoint_label=endpoint_label,
-                                   max_ranges=lambda: len(self.encoder._ranges))
+                                   max_ranges=lambda: self.encoder.range_count)
 
     def on_join(self, rid: str, hello: dict[str, Any]) -> None:
         if hello.get("delta") is False:

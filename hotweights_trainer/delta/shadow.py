@@ -145,6 +145,9 @@ class ShadowStore:
 
     def fill_resync(self, st: StagedVersion, header: BucketHeader, data: memoryview) -> None:
         """Dense copies the publisher sent for needed ranges; each must match the announced checksum."""
+        if header.version != st.version or header.session != st.session:
+            raise WireFormatError(f"resync bucket belongs to version {header.version}/session {header.session:x}, "
+                                  f"expected version {st.version}/session {st.session:x}")
         for e in header.entries:
             key = (e.name, e.elem_start, e.elem_count)
             if e.encoding != ENC_DENSE or key not in st.needs:
