@@ -220,7 +220,7 @@ with WeightReceiver(sys.argv[1], model=model, config=SyncConfig(timeout_s=60)) a
 """
 
 
-def part3(steps: int) -> None:
+def part3(steps: int, rounds: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     from hotweights_trainer import HotweightsCallback, SyncConfig
@@ -280,21 +280,29 @@ def part3(steps: int) -> None:
         warm = timer.times[3:]
         return statistics.median(warm), detail
 
-    print(f"\n## Part 3: HF Trainer, GPT-2 {gcfg}, bf16 autocast, batch 8 x 128, {steps} steps, "
-          "receiver process following\n")
-    print("| mode | median step ms | vs no sync | pushes |")
-    print("|---|---|---|---|")
-    base = None
-    for mode in ("no sync", "sync push", "async"):
-        t, detail = run(mode)
-        base = base or t
-        print(f"| {mode} | {t * 1e3:.1f} | {t / base:.3f}x | {detail} |")
+    print(f"\n## Part 3: HF Trainer, GPT-2 {gcfg}, bf16 autocast, batch 8 x 128, {steps} steps per run, "
+          f"receiver process following; {rounds} rounds, modes interleaved (machine load drifts)\n")
+    print("| round | mode | median step ms | vs no sync (same round) | pushes |")
+    print("|---|---|---|---|---|")
+    ratios: dict[str, list[float]] = {"sync push": [], "async": []}
+    for r in range(1, rounds + 1):
+        base = None
+        for mode in ("no sync", "sync push", "async"):
+            t, detail = run(mode)
+            base = base or t
+            if mode in ratios:
+                ratios[mode].append(t / base)
+            print(f"| {r} | {mode} | {t * 1e3:.1f} | {t / base:.3f}x | {detail} |", flush=True)
+    for mode, values in ratios.items():
+        print(f"\n{mode}: median step-time ratio over rounds {statistics.median(values):.3f}x "
+              f"(rounds: {', '.join(f'{v:.3f}' for v in values)})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps on all-MiniLM-L6-v2")
-    ap.add_argument("--trainer-steps", type=int, default=30, help="steps of the HF Trainer run")
+    ap.add_argument("--trainer-steps", type=int, default=20, help="steps of each HF Trainer run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the three HF Trainer runs")
     ap.add_argument("--parts", default="1,2,3")
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
@@ -305,7 +313,7 @@ def main() -> None:
     if 2 in parts:
         part2(min(args.steps, 3))
     if 3 in parts:
-        part3(args.trainer_steps)
+        part3(args.trainer_steps, args.rounds)
 
 
 if __name__ == "__main__":

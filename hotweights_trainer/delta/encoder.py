@@ -58,6 +58,16 @@ def xxh3_of(t: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(t.view(torch.uint8).numpy()) if t.numel() else xxhash.xxh3_64_intdigest(b"")
 
 
+def copy_range(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (the send_dtype cast and any device-to-host copy), but a plain same-dtype
+    host copy goes through numpy: single-threaded, it never waits for torch's intra-op pool, which
+    the training thread is using at the same time under async publishing."""
+    if src.dtype == dst.dtype and src.device.type == "cpu" and src.is_contiguous() and delta_capable(src.dtype):
+        np.copyto(bits_of(dst), bits_of(src))
+    else:
+        dst.copy_(src)
+
+
 def range_starts(numel: int, dtype: torch.dtype, bucket_bytes: int) -> Iterator[tuple[int, int]]:
     """The fixed cut of a tensor into ranges of at most one bucket of dense bytes."""
     step = max(bucket_bytes // itemsize(dtype), 1)
@@ -158,7 +168,7 @@ class DeltaEncoder:
             r.scratch_tag = 0  # being overwritten: resync must not read it now
         if r.scratch is None:
             r.scratch = torch.empty(count, dtype=dtype)
-        r.scratch.copy_(flat[start:start + count])  # the send_dtype cast and the device->host copy
+        copy_range(r.scratch, flat[start:start + count])
         payload: Optional[bytes] = None
         new_hash: Optional[int] = None
         if allow_delta and r.base is not None:

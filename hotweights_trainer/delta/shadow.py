@@ -37,7 +37,7 @@ from ..errors import CorruptBucketError, WireFormatError
 from ..staging import StagedVersion, payload_tensor
 from ..wire import delta as codec
 from ..wire.bucket import ENC_DELTA, ENC_DENSE, BucketHeader
-from .encoder import RangeKey, bits_of, xxh3_of
+from .encoder import RangeKey, bits_of, copy_range, xxh3_of
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ShadowStore:
 
     def _copy(self, data: memoryview, header: BucketHeader, e) -> torch.Tensor:
         t = self._pool.take(e.dtype, e.elem_count)
-        t.copy_(payload_tensor(data, header, e))
+        copy_range(t, payload_tensor(data, header, e))
         return t
 
     def __len__(self) -> int:
