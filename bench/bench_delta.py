@@ -206,6 +206,7 @@ def part2(steps: int) -> None:
 # -------------------------------------------------------------------------------------- HF Trainer
 RECEIVER = r"""
 import sys, torch
+torch.set_num_threads(1)
 from transformers import GPT2Config, GPT2LMHeadModel
 from hotweights_trainer import WeightReceiver, SyncConfig
 cfg = GPT2Config(**__import__("json").loads(sys.argv[2]))
@@ -220,7 +221,7 @@ with WeightReceiver(sys.argv[1], model=model, config=SyncConfig(timeout_s=60)) a
 """
 
 
-def part3(steps: int, rounds: int) -> None:
+def part3(steps: int, rounds: int, lr: float) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     from hotweights_trainer import HotweightsCallback, SyncConfig
@@ -239,6 +240,9 @@ def part3(steps: int, rounds: int) -> None:
             self.times.append(time.perf_counter() - self._t)
 
     def run(mode: str) -> tuple[float, str]:
+        # One intra-op thread: on a shared machine torch's thread pool stalls whenever a core is
+        # taken by someone else, which swamps what is measured here.
+        torch.set_num_threads(1)
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(**gcfg))
         g = torch.Generator().manual_seed(0)
@@ -264,7 +268,7 @@ def part3(steps: int, rounds: int) -> None:
         # The timer runs last, so a step's time includes the push (sync) or the snapshot (async).
         args = TrainingArguments(output_dir=f"/tmp/bench-trainer-{os.getpid()}", use_cpu=True, report_to=[],
                                  max_steps=steps, per_device_train_batch_size=8, save_strategy="no",
-                                 disable_tqdm=True, learning_rate=3e-5, bf16=True, logging_strategy="no")
+                                 disable_tqdm=True, learning_rate=lr, bf16=True, logging_strategy="no")
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks + [timer])
         trainer.train()
         detail = ""
@@ -280,8 +284,9 @@ def part3(steps: int, rounds: int) -> None:
         warm = timer.times[3:]
         return statistics.median(warm), detail
 
-    print(f"\n## Part 3: HF Trainer, GPT-2 {gcfg}, bf16 autocast, batch 8 x 128, {steps} steps per run, "
-          f"receiver process following; {rounds} rounds, modes interleaved (machine load drifts)\n")
+    print(f"\n## Part 3: HF Trainer, GPT-2 {gcfg}, bf16 autocast, lr {lr:g}, batch 8 x 128, {steps} steps per run, "
+          f"receiver process following; torch threads=1 (trainer and receiver); {rounds} rounds, modes interleaved "
+          "(machine load drifts)\n")
     print("| round | mode | median step ms | vs no sync (same round) | pushes |")
     print("|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {"sync push": [], "async": []}
@@ -303,6 +308,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps on all-MiniLM-L6-v2")
     ap.add_argument("--trainer-steps", type=int, default=20, help="steps of each HF Trainer run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the three HF Trainer runs")
+    ap.add_argument("--trainer-lr", type=float, default=3e-6, help="learning rate of the HF Trainer runs")
     ap.add_argument("--parts", default="1,2,3")
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
@@ -313,7 +319,7 @@ def main() -> None:
     if 2 in parts:
         part2(min(args.steps, 3))
     if 3 in parts:
-        part3(args.trainer_steps, args.rounds)
+        part3(args.trainer_steps, args.rounds, args.trainer_lr)
 
 
 if __name__ == "__main__":
