@@ -310,7 +310,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the three HF Trainer runs")
     ap.add_argument("--trainer-lr", type=float, default=3e-6, help="learning rate of the HF Trainer runs")
     ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke-sized run that checks the script works (its numbers mean nothing)")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.trainer_steps, args.rounds = 1, 5, 1
     parts = {int(p) for p in args.parts.split(",")}
     print(f"# bench_delta: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, numpy {np.__version__}")
