@@ -245,3 +245,24 @@ def test_receiver_reuses_its_private_buffers(endpoint):
             seen.add(rx._delta.shadow._ranges[key].tensor.data_ptr())
             tensors = nudge(tensors, 0.01, v)
     assert len(seen) <= 3  # the shadow, the version being staged, and one in the pool
+
+
+def test_auto_sends_dense_ish_ranges_dense_and_backs_off(endpoint):
+    """An update that touches most elements of a large range is sent dense (no costly encode), the
+    comparison is skipped for the next versions, and the receiver stays bit-exact throughout."""
+    spec = [["big", "bfloat16", [1 << 17]], ["small", "bfloat16", [64]]]
+    model = SpecModule(spec)
+    with WeightPublisher(endpoint, config=CFG) as pub, WeightReceiver(endpoint, model=model, config=CFG) as rx:
+        pub.wait_for_receivers(1)
+        tensors = make_tensors(spec, 1)
+        kinds = []
+        for v in range(1, 8):
+            res = pub.publish(tensors)
+            rx.wait_for_version(v)
+            assert weights_digest(model) == weights_digest(tensors)
+            kinds.append((res.delta.delta_entries, res.delta.dense_entries, res.delta.elements))
+            tensors = nudge(tensors, 0.9, v)  # 90% of the elements move every step
+        # v2 compares "big" (dense-ish -> dense), v3 skips the comparison entirely (fewer elements
+        # compared than v2), and "small" keeps going as a delta.
+        assert kinds[1][2] > kinds[2][2]
+        assert all(d >= 1 for d, _, _ in kinds[1:])
