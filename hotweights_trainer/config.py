@@ -198,7 +198,8 @@ class SyncConfig:
     ``hotweights coord serve``, ``redis`` in Redis (HA, with leader leases)."""
 
     coord_endpoint: Optional[str] = None
-    """Address of a standalone coordinator, tcp://HOST:PORT (coord_backend=tcp)."""
+    """Address of a standalone coordinator, tcp://HOST:PORT (coord_backend=tcp). Several, comma-separated,
+    for coordinators sharing one Redis: requests fail over to the one holding the fleet's lease."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis URL for coord_backend=redis."""

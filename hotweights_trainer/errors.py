@@ -120,6 +120,14 @@ class MetricsError(HotweightsError, RuntimeError):
     """The Prometheus exporter cannot be started, reached, or read (e.g. its port is taken)."""
 
 
+class NotLeaderError(CoordinatorError):
+    """This coordinator does not hold the fleet's leader lease; ``leader`` names the holder if known."""
+
+    def __init__(self, message: str, leader: str | None = None):
+        self.leader = leader
+        super().__init__(message)
+
+
 def missing_dependency(module: str, extra: str, package: str | None = None) -> ImportError:
     """Build the ImportError raised when an optional dependency is absent.
 

@@ -83,6 +83,34 @@ ASYNC_WAIT_SECONDS = Histogram("hotweights_async_wait_seconds",
 ASYNC_INFLIGHT = Gauge("hotweights_async_inflight", "Asynchronous pushes queued or running", ["endpoint"],
                        registry=REGISTRY)
 
+# Control plane (hotweights_trainer.control): recorded where the coordinator runs.
+HANDLES_POSTED = Counter("hotweights_handles_posted", "Transport handles posted (per version and holder set)",
+                         ["endpoint"], registry=REGISTRY)
+HANDLES_FETCHED = Counter("hotweights_handles_fetched",
+                          "Transport handles a receiver opened to stage a bucket", ["endpoint"],
+                          registry=REGISTRY)
+HANDLES_ACKED = Counter("hotweights_handles_acked", "Receiver acks of posted handles", ["endpoint"],
+                        registry=REGISTRY)
+HANDLES_EXPIRED = Counter("hotweights_handles_expired", "Handles whose TTL passed before every holder acked",
+                          ["endpoint"], registry=REGISTRY)
+HANDLES_ACTIVE = Gauge("hotweights_handles_active", "Posted handles not yet released or expired",
+                       ["endpoint"], registry=REGISTRY)
+FLEET_RECEIVER_VERSION = Gauge("hotweights_fleet_receiver_version",
+                               "Live version of each receiver, as its coordinator last heard",
+                               ["endpoint", "receiver"], registry=REGISTRY)
+FLEET_RECEIVER_LAG = Gauge("hotweights_fleet_receiver_lag",
+                           "Committed version minus the receiver's live version", ["endpoint", "receiver"],
+                           registry=REGISTRY)
+QUORUM_FAILURES = Counter("hotweights_quorum_failures", "Versions aborted without a commit, by reason",
+                          ["endpoint", "reason"], registry=REGISTRY)
+EVICTIONS = Counter("hotweights_evictions", "Receivers evicted for missing heartbeats", ["endpoint"],
+                    registry=REGISTRY)
+REFUSED = Counter("hotweights_refused_requests", "Requests refused (missing or wrong token)",
+                  ["endpoint", "reason"], registry=REGISTRY)
+COORD_LEADER = Gauge("hotweights_coord_leader",
+                     "Fencing token while this process holds the fleet's leader lease, else 0", ["endpoint"],
+                     registry=REGISTRY)
+
 _server_lock = threading.Lock()
 _servers: dict[tuple[str, int], Any] = {}
 

@@ -14,10 +14,16 @@
 Receivers that connect later (or during a publish) are sent the current committed version in full
 (catch-up) and then follow. A receiver that misses a deadline is disconnected so it cannot stall the
 next version; it catches up when it reconnects.
+
+Who is in the quorum and whether a version may commit is decided by the fleet's coordinator
+(:mod:`hotweights_trainer.control`): the publisher relays every receiver event to it (join,
+heartbeat, staged, nack, release, loss) and acts on its answers. The coordinator runs in this
+process by default; ``coord_backend`` moves its state to Redis or to ``hotweights coord serve``.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -28,6 +34,10 @@ from typing import Any, Optional
 
 from . import metrics
 from .config import SyncConfig
+from .control.handles import Handle, sign_handle
+from .control.janitor import free_handles, owner_tag
+from .control.session import open_session
+from .control.status_socket import StatusListener
 from .delta.encoder import DeltaStats
 from .delta.engine import make_publisher_delta
 from .errors import (ClosedError, CorruptBucketError, HotweightsError, ManifestMismatchError,
@@ -70,10 +80,13 @@ class _Version:
     quorum: set[str] = field(default_factory=set)
     buffers: list[BucketBuffer] = field(default_factory=list)
     end: Optional[dict[str, Any]] = None
-    holders: set[str] = field(default_factory=set)
+    handles: set[str] = field(default_factory=set)  # keys posted to the coordinator, not yet released
+    expired: set[int] = field(default_factory=set)  # bucket indices whose handle expired: free, don't reuse
     staged: set[str] = field(default_factory=set)
     nacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     catchup: dict[str, float] = field(default_factory=dict)  # rid -> deadline
+    decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
+    error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
     state: str = "sending"  # sending -> waiting -> committed | aborted
 
 
@@ -105,7 +118,6 @@ class WeightPublisher:
         self.endpoint = parse_endpoint(endpoint)
         self.name_map = name_map
         self.session = secrets.randbits(63)
-        self._next_version = 1
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._publish_lock = threading.Lock()
@@ -118,19 +130,36 @@ class WeightPublisher:
         self._ep = str(self.endpoint)
         # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
+        self._owner = owner_tag()
+        self._refused = 0
+        self._last_coord_error = ""
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
         self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
                                            endpoint_label=self._ep)
-        self._tx.start(self)
-        log.info("publisher on %s (transport %s, bucket %d MiB)", self.endpoint, self._tx.name,
-                 self.config.bucket_mb)
+        # The status socket doubles as the "one publisher per endpoint on this host" check, before
+        # the coordinator is claimed (a Redis-backed claim may wait for a lease).
+        self._status = StatusListener(self._ep, self.status, self.config.timeout_s)
+        try:
+            self._session = open_session(self._ep, self.config)
+            self._committed_version = self._session.claimed.get("committed", 0)
+            self._expired(self._session.claimed.get("expired", []))  # a dead predecessor's handles
+            self._tx.start(self)
+        except BaseException:
+            if self._delta is not None:
+                self._delta.close()
+            self._status.close()
+            if getattr(self, "_session", None) is not None:
+                self._session.close()
+            raise
+        log.info("publisher on %s (transport %s, bucket %d MiB, coordinator %s, epoch %d)", self.endpoint,
+                 self._tx.name, self.config.bucket_mb, self._session.backend, self._session.epoch)
 
     # ---------------------------------------------------------------- public API
     @property
     def version(self) -> int:
-        """The last committed version (0 before the first)."""
+        """The last committed version (0 before the first; a resumed fleet's last one)."""
         with self._lock:
-            return self._committed.version if self._committed else 0
+            return self._committed_version
 
     @property
     def receivers(self) -> list[str]:
@@ -172,10 +201,21 @@ class WeightPublisher:
                 return
             self._closed = True
             self._cond.notify_all()
-        if self._delta is not None:
+        if getattr(self, "_delta", None) is not None:
             self._delta.close()
-        self._tx.close()
+        for part in ("_status", "_tx", "_session"):  # any of them may be missing if __init__ failed
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.close()
         log.info("publisher on %s closed", self.endpoint)
+
+    def status(self) -> dict[str, Any]:
+        """The fleet as the coordinator sees it: receivers, live versions, lag, heartbeats, handles."""
+        out = self._session.status()
+        out["publisher"] = {"endpoint": self._ep, "pid": os.getpid(), "transport": self._tx.name,
+                            "coord_backend": self._session.backend, "epoch": self._session.epoch,
+                            "refused_requests": self._refused, "connected": sorted(self._receivers)}
+        return out
 
     def __enter__(self) -> "WeightPublisher":
         return self
@@ -195,11 +235,14 @@ class WeightPublisher:
         cfg = self.config
         t0 = time.perf_counter()
         with self._lock:
-            version = self._next_version
-            self._next_version += 1
+            try:
+                begun = self._session.begin(step)
+            except HotweightsError as exc:
+                metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
+                raise
+            version = begun["version"]
             rec = _Version(version, step)
-            rec.quorum = set(self._receivers)
-            rec.holders = set(rec.quorum)
+            rec.quorum = set(begun["quorum"]) & set(self._receivers)
             for other in self._versions.values():
                 for rid in rec.quorum:  # this version supersedes any catch-up still in flight
                     other.catchup.pop(rid, None)
@@ -232,32 +275,27 @@ class WeightPublisher:
                 rec.end = {"op": "end", "version": version, "n_buckets": len(rec.buffers),
                            "digest": manifest.digest(), "n_tensors": len(manifest)}
                 rec.state = "waiting"
-                self._send(self._members(rec), rec.end)
-            self._wait_staged(rec)
+                members = self._members(rec)
+                self._post_handles(rec, range(len(rec.buffers)), members)
+                rec.decision = self._session.seal(version, rec.end["digest"], len(rec.buffers))
+                self._send(members, rec.end)
+            self._wait_decision(rec)
+            t_staged = time.perf_counter()
+            with self._lock:
+                committed = self._session.commit(version)
+                if self._delta is not None:
+                    self._delta.commit(version)  # this version's snapshots become the next delta's bases
+                self._on_committed(rec, committed)
         except BaseException as exc:
-            self._abort(rec, f"{type(exc).__name__}: {exc}")
+            self._abort(rec, f"{type(exc).__name__}: {exc}", _abort_kind(exc))
             metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
-        t_staged = time.perf_counter()
-        if self._delta is not None:
-            self._delta.commit(version)  # this version's snapshots become the next delta's bases
-        with self._lock:
-            rec.state = "committed"
-            previous, self._committed = self._committed, rec
-            self._current = None
-            self._send(rec.staged, {"op": "commit", "version": version})
-            if previous is not None:
-                self._maybe_recycle(previous)
-            # Receivers that joined while this version was in flight were not in its quorum.
-            for rid in list(self._receivers):
-                if rid not in rec.quorum:
-                    self._catch_up(rid, rec)
         t1 = time.perf_counter()
         t_encode = t_pack + (delta.encode_seconds if delta is not None else 0.0)
         dense_bytes = nbytes + (delta.dense_bytes - delta.payload_bytes if delta is not None else 0)
         result = PublishResult(
             version=version, bytes_sent=nbytes, tensors_sent=len(manifest), seconds=t1 - t0,
-            buckets=len(rec.buffers), receivers=len(rec.staged), dense_bytes=dense_bytes, step=step,
+            buckets=len(rec.buffers), receivers=len(committed["ready"]), dense_bytes=dense_bytes, step=step,
             phases={"gather": gather.seconds, "encode": t_encode,
                     "transfer": max(t_sent - t0 - t_encode - gather.seconds, 0.0), "commit": t1 - t_sent,
                     "wait_staged": t_staged - t_sent}, delta=delta)
@@ -279,25 +317,58 @@ class WeightPublisher:
     def _members(self, rec: _Version) -> list[str]:
         return [rid for rid in rec.quorum if rid in self._receivers]
 
-    def _wait_staged(self, rec: _Version) -> None:
+    def _on_committed(self, rec: _Version, committed: dict[str, Any]) -> None:
+        """The coordinator recorded the commit: tell the ready receivers (lock held)."""
+        rec.state = "committed"
+        previous, self._committed = self._committed, rec
+        self._committed_version = rec.version
+        self._current = None
+        self._send([r for r in committed["ready"] if r in self._receivers],
+                   {"op": "commit", "version": rec.version})
+        deadline = time.monotonic() + self.config.timeout_s
+        for rid in committed["stragglers"]:  # majority quorum: they get the commit once they stage
+            if rid in self._receivers:
+                rec.catchup[rid] = deadline
+        for rid in committed["failed"]:  # majority quorum: rejected it; reconnect and catch up
+            self._tx.drop(rid, f"rejected version {rec.version}, which committed without it; resync")
+        self._released(committed["released"])  # the previous version's handles, now unpinned
+        if previous is not None:
+            self._maybe_recycle(previous)
+        # Receivers that joined while this version was in flight were not in its quorum.
+        for rid in list(self._receivers):
+            if rid not in rec.quorum:
+                self._catch_up(rid, rec)
+
+    def _wait_decision(self, rec: _Version) -> None:
         deadline = time.monotonic() + self.config.timeout_s
         with self._cond:
             while True:
                 if self._closed:
                     raise ClosedError("publisher closed while a version was in flight")
-                waiting = [r for r in self._members(rec) if r not in rec.staged and r not in rec.nacks]
-                if rec.nacks or not waiting:
-                    break
+                if rec.error is not None:
+                    raise rec.error
+                d = rec.decision
+                if d["decision"] == "commit":
+                    return
+                if d["decision"] == "abort" and d.get("kind") != "deadline":
+                    if rec.nacks:
+                        raise self._nack_error(rec)
+                    raise VersionAbortedError(rec.version, d.get("reason", "quorum not met"))
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or d["decision"] == "abort":
+                    waiting = [r for r in self._members(rec) if r not in rec.staged and r not in rec.nacks]
                     for rid in waiting:
                         self._tx.drop(rid, f"did not stage version {rec.version} in time")
                     raise SyncTimeoutError(
                         f"version {rec.version}: receiver(s) {', '.join(sorted(waiting))} did not stage "
                         f"within {self.config.timeout_s:.1f}s; version aborted and they were disconnected")
                 self._cond.wait(min(left, 0.5))
-            if rec.nacks:
-                raise self._nack_error(rec)
+
+    def _set_decision(self, d: dict[str, Any]) -> None:
+        rec = self._current
+        if rec is not None and d.get("version") == rec.version and rec.state == "waiting":
+            rec.decision = d
+            self._cond.notify_all()
 
     def _nack_error(self, rec: _Version) -> HotweightsError:
         rid, nack = sorted(rec.nacks.items())[0]
@@ -312,7 +383,7 @@ class WeightPublisher:
                                       [f"{r}: {n.get('error')}: {n['message']}" for r, n in rec.nacks.items()])
         return err
 
-    def _abort(self, rec: _Version, reason: str) -> None:
+    def _abort(self, rec: _Version, reason: str, kind: str) -> None:
         with self._lock:
             if rec.state in ("committed", "aborted"):
                 return
@@ -320,46 +391,127 @@ class WeightPublisher:
             if self._current is rec:
                 self._current = None
             self._send(self._members(rec), {"op": "abort", "version": rec.version, "reason": reason[:2000]})
-            rec.holders.clear()  # receivers discard aborted versions without further messages
+            try:
+                self._session.abort(rec.version, reason[:2000], kind)
+            except HotweightsError as exc:
+                log.warning("coordinator did not record the abort of version %d: %s", rec.version, exc)
+            rec.handles.clear()  # receivers discard aborted versions; the coordinator dropped its handles
             self._maybe_recycle(rec)
         log.warning("version %d aborted: %s", rec.version, reason)
 
     def _send(self, to: Any, msg: dict[str, Any]) -> None:
         self._tx.send(sorted(to), msg)
 
-    # ---------------------------------------------------------------- buffers
-    def _maybe_recycle(self, rec: _Version) -> None:
-        if rec is self._committed or rec is self._current or rec.holders or rec.catchup:
+    # ---------------------------------------------------------------- handles and buffers
+    def _post_handles(self, rec: _Version, indices: Any, holders: list[str]) -> None:
+        """Register the buffers of ``rec`` as handles held by ``holders`` (lock held)."""
+        if not holders:
             return
-        for buf in rec.buffers:
-            self._tx.recycle(buf)
+        token = self.config.handle_token
+        items = []
+        for i in indices:
+            name = rec.buffers[i].handle
+            sig = sign_handle(token, self._ep, name, self._owner) if token is not None else ""
+            items.append([f"{rec.version}.{i}", name, sig])
+        self._session.post_handles(rec.version, items, self._owner, sorted(holders))
+        rec.handles.update(key for key, _, _ in items)
+
+    def _released(self, keys: Any) -> None:
+        for key in keys:
+            version = int(str(key).split(".", 1)[0])
+            rec = self._versions.get(version)
+            if rec is not None:
+                rec.handles.discard(key)
+                self._maybe_recycle(rec)
+
+    def _expired(self, handles: list[dict[str, Any]]) -> None:
+        orphans = []
+        for h in handles:
+            rec = self._versions.get(h["version"])
+            if rec is None or h["owner"] != self._owner:
+                orphans.append(Handle.from_dict(h))  # a previous publisher's: free it if it is dead
+                continue
+            log.warning("handle %s (%s) of version %d expired with holder(s) %s; freeing its memory",
+                        h["key"], h["name"], h["version"], ", ".join(h["holders"]))
+            rec.handles.discard(h["key"])
+            rec.expired.add(int(h["key"].split(".", 1)[1]))
+            self._maybe_recycle(rec)
+        if orphans:
+            free_handles(self._ep, orphans, self.config)
+
+    def _maybe_recycle(self, rec: _Version) -> None:
+        if rec is self._committed or rec is self._current or rec.handles or rec.catchup:
+            return
+        for index, buf in enumerate(rec.buffers):
+            if index in rec.expired:
+                self._tx.discard(buf)
+            else:
+                self._tx.recycle(buf)
         rec.buffers.clear()
         self._versions.pop(rec.version, None)
 
     # ---------------------------------------------------------------- transport callbacks
     def on_join(self, rid: str, hello: dict[str, Any]) -> None:
+        token = self.config.coord_token
+        if token is not None:
+            given = hello.get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+                reason = "missing token" if given is None else "wrong token"
+                with self._lock:
+                    self._refused += 1
+                metrics.REFUSED.labels(self._ep, reason).inc()
+                log.warning("refused receiver %s on %s: %s", rid, self.endpoint, reason)
+                hint = f"{reason}: set HOTWEIGHTS_COORD_TOKEN to the publisher's token"
+                self._tx.send([rid], {"op": "refused", "reason": hint})
+                self._tx.drop(rid, f"refused: {reason}")
+                return
         with self._lock:
             live = hello["live_version"]
+            host = hello.get("host")
+            try:
+                joined = self._session.register(rid, hello["pid"], host if isinstance(host, str) else "?",
+                                                live)
+            except HotweightsError as exc:
+                log.error("coordinator refused receiver %s: %s; disconnecting it", rid, exc)
+                self._tx.drop(rid, f"coordinator unavailable: {exc}")
+                return
             self._receivers[rid] = _Receiver(rid, hello["pid"], live, time.monotonic())
             if self._delta is not None:
                 self._delta.on_join(rid, hello)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
-            if live >= self._next_version:
-                # A restarted publisher continues numbering above what receivers already run.
-                log.info("receiver %s runs version %d; continuing numbering from %d", rid, live, live + 1)
-                self._next_version = live + 1
-            committed = self._committed.version if self._committed else 0
             self._tx.send([rid], {"op": "welcome", "session": self.session, "pid": os.getpid(),
-                                  "version": committed, "delta": self._delta is not None})
+                                  "version": joined["committed"], "delta": self._delta is not None})
             log.info("receiver %s joined %s (live version %d)", rid, self.endpoint, live)
             if self._committed is not None:
                 self._catch_up(rid, self._committed)
             self._cond.notify_all()
 
+    def _coordinator_failed(self, what: str, exc: HotweightsError) -> None:
+        """A relayed event could not be recorded: fail the waiting version with the real cause (lock held)."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_coord_error:  # one line per distinct failure, not one per heartbeat
+            log.warning("coordinator of %s could not record %s: %s", self.endpoint, what, text)
+            self._last_coord_error = text
+        rec = self._current
+        if rec is not None and rec.state == "waiting" and rec.error is None:
+            rec.error = exc
+            self._cond.notify_all()
+
     def on_message(self, rid: str, msg: dict[str, Any]) -> None:
+        try:
+            self._on_message(rid, msg)
+        except HotweightsError as exc:
+            with self._lock:
+                self._coordinator_failed(f"{msg['op']} from {rid}", exc)
+
+    def _on_message(self, rid: str, msg: dict[str, Any]) -> None:
         op = msg["op"]
         if self._delta is not None:
             self._delta.on_message(rid, msg)  # resync requests; frees resync buffers
+        if op == "heartbeat":
+            if not self._session.heartbeat(rid, msg["live_version"]) and rid in self._receivers:
+                self._tx.drop(rid, "evicted by the coordinator; reconnect to register again")
+            return
         with self._lock:
             rec = self._versions.get(msg.get("version", -1))
             if op == "staged" and rec is not None:
@@ -369,6 +521,9 @@ class WeightPublisher:
                         self._tx.send([rid], {"op": "commit", "version": rec.version})
                 else:
                     rec.staged.add(rid)
+                    digest = msg.get("digest")
+                    self._set_decision(self._session.precommit(rid, rec.version,
+                                                               digest if isinstance(digest, str) else None))
             elif op == "nack" and rec is not None:
                 log.warning("receiver %s rejected version %d: %s: %s", rid, rec.version, msg["error"],
                             msg["message"][:500])
@@ -376,20 +531,28 @@ class WeightPublisher:
                     rec.catchup.pop(rid)
                 else:
                     rec.nacks[rid] = msg
-            elif op == "release" and rec is not None:
-                rec.holders.discard(rid)
-                self._maybe_recycle(rec)
+                    reason = f"{msg['error']}: {msg['message']}"
+                    self._set_decision(self._session.nack(rid, rec.version, reason))
+            elif op == "release":
+                self._released(h["key"] for h in self._session.ack(rid, msg["version"]))
             self._cond.notify_all()
 
     def on_lost(self, rid: str, reason: str) -> None:
         with self._lock:
-            self._receivers.pop(rid, None)
+            known = self._receivers.pop(rid, None) is not None
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
             if self._delta is not None:
                 self._delta.on_lost(rid)
             for rec in list(self._versions.values()):
-                rec.holders.discard(rid)
                 rec.catchup.pop(rid, None)
+            if known:
+                try:
+                    left = self._session.leave(rid)
+                    self._set_decision(left["decision"])
+                    self._released(left["released"])
+                except HotweightsError as exc:
+                    log.warning("coordinator did not record that %s left: %s", rid, exc)
+            for rec in list(self._versions.values()):
                 self._maybe_recycle(rec)
             self._cond.notify_all()
         log.info("receiver %s left %s: %s", rid, self.endpoint, reason)
@@ -397,6 +560,8 @@ class WeightPublisher:
     def on_tick(self) -> None:
         now = time.monotonic()
         with self._lock:
+            if self._closed:
+                return
             for rec in list(self._versions.values()):
                 for rid, deadline in list(rec.catchup.items()):
                     if now > deadline:
@@ -404,18 +569,37 @@ class WeightPublisher:
                                     rid, rec.version)
                         rec.catchup.pop(rid)
                         self._tx.drop(rid, "catch-up deadline missed")
+                        self._maybe_recycle(rec)
+            try:
+                swept = self._session.sweep()
+            except HotweightsError as exc:
+                self._coordinator_failed("a sweep", exc)
+                return
+            for rid in swept["evicted"]:
+                self._tx.drop(rid, f"no heartbeat for {self.config.heartbeat_ttl_s:.1f}s (evicted)")
+            self._released(swept["released"])
+            self._expired(swept["expired"])
+            self._set_decision(swept["decision"])
 
     def _catch_up(self, rid: str, rec: _Version) -> None:
         """Send the committed version ``rec`` in full to one receiver (late join)."""
         if rec.end is None:
             return
-        rec.holders.add(rid)
         rec.catchup[rid] = time.monotonic() + self.config.timeout_s
+        self._post_handles(rec, range(len(rec.buffers)), [rid])
         self._tx.send([rid], {"op": "begin", "version": rec.version, "session": self.session,
                               "step": rec.step})
         for index, buf in enumerate(rec.buffers):
             self._tx.post([rid], rec.version, index, buf)
         self._tx.send([rid], rec.end)
+
+
+def _abort_kind(exc: BaseException) -> str:
+    if isinstance(exc, SyncTimeoutError):
+        return "timeout"
+    if isinstance(exc, (ManifestMismatchError, WireFormatError, VersionAbortedError)):
+        return "rejected"
+    return "error"
 
 
 class _Timed:

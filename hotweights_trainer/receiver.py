@@ -23,8 +23,9 @@ import torch
 
 from . import metrics
 from .config import SyncConfig
+from .control.heartbeat import Heartbeat
 from .delta.engine import ReceiverDelta
-from .errors import (ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
+from .errors import (AuthError, ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
                      SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
@@ -87,8 +88,11 @@ class WeightReceiver:
         self._ep = str(self.endpoint)
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._delta = ReceiverDelta(self.config, self._ep)
+        self._handles_fetched = metrics.HANDLES_FETCHED.labels(self._ep)
         self._tx = create_receiver_transport(self.endpoint, self.config)
         self._tx.start(self, self._hello)
+        self._heartbeat = Heartbeat(self._tx.send, lambda: self._tx.connected, lambda: self._live_version,
+                                    self.config.heartbeat_interval_s, self.receiver_id)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -161,6 +165,7 @@ class WeightReceiver:
             self._staging = None
             self._pending = None
             self._cond.notify_all()
+        self._heartbeat.stop()
         self._tx.close()
 
     def __enter__(self) -> "WeightReceiver":
@@ -229,6 +234,13 @@ class WeightReceiver:
             if op == "welcome":
                 self._session = msg["session"]
                 self._delta.on_welcome(msg)
+            elif op == "refused":
+                # A wrong or missing token does not fix itself: stop reconnecting and report it.
+                log.error("publisher of %s refused this receiver: %s", self.endpoint, msg["reason"])
+                self._record_error(AuthError(f"publisher of {self.endpoint} refused this receiver: "
+                                             f"{msg['reason']}"))
+                self._lost_reason = f"refused: {msg['reason']}"
+                threading.Thread(target=self._tx.close, daemon=True).start()
             elif op == "begin":
                 self._begin(msg)
             elif op == "end":
@@ -247,6 +259,7 @@ class WeightReceiver:
             st = self._staging
             if st is None or st.version != version or self._staging_error is not None:
                 return
+            self._handles_fetched.inc()
             try:
                 header = decode_bucket(data, max_header_bytes=self.config.max_message_bytes)
                 if self._delta.is_resync(header):
@@ -279,8 +292,12 @@ class WeightReceiver:
 
     # ---------------------------------------------------------------- protocol steps (lock held)
     def _hello(self) -> dict[str, Any]:
-        return {"op": "hello", "receiver_id": self.receiver_id, "pid": os.getpid(),
-                "live_version": self._live_version, **self._delta.hello_fields()}
+        hello = {"op": "hello", "receiver_id": self.receiver_id, "pid": os.getpid(),
+                 "live_version": self._live_version, "host": socket.gethostname(),
+                 **self._delta.hello_fields()}
+        if self.config.coord_token is not None:
+            hello["token"] = self.config.coord_token
+        return hello
 
     def _begin(self, msg: dict[str, Any]) -> None:
         if self._staging is not None:
@@ -320,7 +337,8 @@ class WeightReceiver:
 
     def _staged(self, st: StagedVersion) -> None:
         self._delta.on_staged(st)
-        self._send({"op": "staged", "version": st.version})
+        # The digest it verified: the coordinator checks it against the one the publisher sealed.
+        self._send({"op": "staged", "version": st.version, "digest": st.manifest.digest()})
 
     def _reject(self, st: StagedVersion, err: HotweightsError) -> None:
         nack: dict[str, Any] = {"op": "nack", "version": st.version, "error": type(err).__name__,

@@ -22,10 +22,12 @@ from tests.conftest import ROOT, child_env, free_port, run_python
 # subcommand appears or disappears without this list changing with it.
 SUBCOMMANDS: dict[str, bool] = {
     "bench": True,
+    "coord": False,  # a group: "coord gc" has --json, "coord serve" prints one JSON line
     "demo": True,
     "kv-check": True,
     "metrics": True,
     "opt-check": True,
+    "status": True,
 }
 
 

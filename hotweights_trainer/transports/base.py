@@ -141,6 +141,11 @@ class PublisherTransport(abc.ABC):
     def recycle(self, buf: BucketBuffer) -> None:
         """No receiver references ``buf`` any more; it may be reused or freed."""
 
+    def discard(self, buf: BucketBuffer) -> None:
+        """The handle of ``buf`` expired (a receiver never released it): free it for good rather than
+        reuse it. Transports whose buffers are private copies just recycle."""
+        self.recycle(buf)
+
     @abc.abstractmethod
     def drop(self, rid: str, reason: str) -> None:
         """Disconnect one receiver (eviction); its ``on_lost`` follows."""

@@ -28,6 +28,7 @@ from ..config import SyncConfig
 from ..errors import EndpointError, SyncTimeoutError, TransportUnavailableError, WireFormatError
 from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
                    ReceiverTransport, TransportStats)
+from ..control.handles import sign_handle, verify_handle
 from .control_channel import ControlClient, ControlServer
 from .endpoint import Endpoint
 
@@ -95,6 +96,21 @@ def cleanup_stale_blocks(name: str) -> list[str]:
     if removed:
         log.info("removed %d shared-memory block(s) left by dead publishers of shm://%s", len(removed), name)
     return removed
+
+
+def unlink_block(shm_name: str) -> bool:
+    """Unlink one block by name (an expired handle); False when it was already gone."""
+    if _posixshmem is None or not _HANDLE.match(shm_name):
+        return False
+    try:
+        _posixshmem.shm_unlink("/" + shm_name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _handle_parts(endpoint: Endpoint, msg: dict[str, Any]) -> tuple:
+    return (str(endpoint), msg["version"], msg["index"], msg["handle"], msg["offset"], msg["length"])
 
 
 class _Block:
@@ -206,6 +222,8 @@ class ShmPublisher(PublisherTransport):
         t0 = time.perf_counter()
         msg = {"op": "bucket", "version": version, "index": index, "handle": buf.handle, "offset": 0,
                "length": buf.length}
+        if self.config.handle_token is not None:
+            msg["sig"] = sign_handle(self.config.handle_token, *_handle_parts(self.endpoint, msg))
         self.send(to, msg)
         self._stats.bytes_posted += buf.length
         self._stats.buckets_posted += 1
@@ -226,6 +244,23 @@ class ShmPublisher(PublisherTransport):
                 self._stats.inflight_buckets = len(self._all) - len(self._free)
                 self._stats.inflight_bytes = self._in_use_bytes
                 self._lock.notify_all()
+
+    def discard(self, buf: BucketBuffer) -> None:
+        """The handle of ``buf`` expired: unlink the block for good instead of reusing it (a receiver
+        that never released it keeps its own mapping; nobody can open the name any more)."""
+        block = buf.owner
+        with self._lock:
+            if self._all.pop(block.shm_name, None) is None:
+                return
+            if block in self._free:
+                self._free.remove(block)
+            else:
+                self._in_use_bytes -= block.size
+            self._stats.inflight_buckets = len(self._all) - len(self._free)
+            self._stats.inflight_bytes = self._in_use_bytes
+            block.destroy()
+            self._lock.notify_all()
+        log.info("unlinked expired shm block %s", block.shm_name)
 
     def drop(self, rid: str, reason: str) -> None:
         if self._server is not None:
@@ -305,6 +340,11 @@ class ShmReceiver(ReceiverTransport):
             self._publisher_pid = msg["pid"]
         if op == "bucket":
             try:
+                key = self.config.handle_token
+                parts = _handle_parts(self.endpoint, msg)
+                if key is not None and not verify_handle(key, msg.get("sig"), *parts):
+                    raise WireFormatError(f"bucket handle {msg['handle']!r} has no valid HMAC signature "
+                                          "(HOTWEIGHTS_HANDLE_TOKEN differs from the publisher's?)")
                 data = self._view(msg["handle"], msg["offset"], msg["length"])
             except (WireFormatError, OSError) as exc:
                 self._handler.on_bucket_failed(msg["version"], msg["index"], exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import PeerLostError, SyncTimeoutError, WireFormatError
 
@@ -25,12 +25,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "commit": {"version": int},
     "abort": {"version": int, "reason": str},
     "drop": {"handles": list},
+    "refused": {"reason": str},
     # receiver -> publisher
     "hello": {"receiver_id": str, "pid": int, "live_version": int},
     "staged": {"version": int},
     "nack": {"version": int, "error": str, "message": str},
     "release": {"version": int},
-    "heartbeat": {},
+    "heartbeat": {"live_version": int},
     # receiver -> publisher, delta sync: dense copies of [name, elem_start, elem_count] ranges whose
     # delta this receiver cannot apply (no or another base version, checksum mismatch after patching)
     "resync": {"version": int, "ranges": list},
@@ -42,12 +43,12 @@ def encode(msg: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes, check: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     try:
         msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireFormatError(f"control message is not valid JSON: {exc}") from None
-    return validate(msg)
+    return (check or validate)(msg)
 
 
 def validate(msg: Any) -> dict[str, Any]:
@@ -69,8 +70,9 @@ def validate(msg: Any) -> dict[str, Any]:
 class FrameReader:
     """Incremental reader of frames from a non-blocking or blocking socket."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, check: Callable[[Any], dict[str, Any]] | None = None):
         self.max_bytes = max_bytes
+        self._check = check  # another protocol's schema check (the coordinator RPC); default: SCHEMAS
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
@@ -84,15 +86,15 @@ class FrameReader:
                 break
             body = bytes(self._buf[_LEN.size:_LEN.size + n])
             del self._buf[:_LEN.size + n]
-            out.append(decode(body))
+            out.append(decode(body, self._check))
         return out
 
 
 def send(sock: socket.socket, msg: dict[str, Any], timeout: float) -> None:
     """Send one frame with a deadline; a stuck or dead peer raises instead of blocking forever."""
     data = encode(msg)
-    sock.settimeout(timeout)
     try:
+        sock.settimeout(timeout)  # inside: a socket closed by another thread (a dropped peer) is a lost peer
         sock.sendall(data)
     except socket.timeout:
         raise SyncTimeoutError(f"peer did not accept a {msg.get('op')!r} message within {timeout:.1f}s") from None

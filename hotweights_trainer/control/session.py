@@ -1,0 +1,141 @@
+"""``FleetSession``: what a publisher holds, the coordinator API bound to its fleet and claimed epoch.
+
+:func:`open_session` picks the backend from ``SyncConfig.coord_backend``:
+
+- ``embedded`` (default): a :class:`~.coordinator.Coordinator` in this process, state in memory.
+  Nothing to start; every call is a method call (microseconds).
+- ``redis``: a Coordinator in this process whose state lives in Redis (``redis_url``), written only
+  while this process holds the fleet's leader lease. A restarted publisher resumes the fleet: version
+  numbering continues and receivers keep serving what they run.
+- ``tcp``: the Coordinator runs in ``hotweights coord serve`` (``coord_endpoint``, several for
+  failover); calls are requests over TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+from ..config import SyncConfig
+from ..errors import NotLeaderError, SyncTimeoutError
+from .coordinator import Coordinator
+from .janitor import HOST
+
+log = logging.getLogger(__name__)
+
+
+class FleetSession:
+    def __init__(self, fleet: str, call: Callable[[str, dict[str, Any]], Any], backend: str,
+                 close: Callable[[], None] = lambda: None):
+        self.fleet = fleet
+        self.backend = backend
+        self._call = call
+        self._close = close
+        self.epoch = 0
+        self.claimed: dict[str, Any] = {}
+
+    def claim(self, owner: dict[str, Any]) -> dict[str, Any]:
+        out = self._call("claim", {"owner": owner})
+        self.epoch = out["epoch"]
+        self.claimed = out
+        return out
+
+    def register(self, rid: str, pid: int, host: str, live_version: int) -> dict[str, Any]:
+        return self._call("register", {"epoch": self.epoch, "rid": rid, "pid": pid, "host": host,
+                                       "live_version": live_version})
+
+    def heartbeat(self, rid: str, live_version: int) -> bool:
+        return self._call("heartbeat", {"epoch": self.epoch, "rid": rid, "live_version": live_version})
+
+    def leave(self, rid: str) -> dict[str, Any]:
+        return self._call("leave", {"epoch": self.epoch, "rid": rid})
+
+    def begin(self, step: Optional[int]) -> dict[str, Any]:
+        return self._call("begin", {"epoch": self.epoch, "step": step})
+
+    def seal(self, version: int, digest: str, n_buckets: int) -> dict[str, Any]:
+        return self._call("seal", {"epoch": self.epoch, "version": version, "digest": digest,
+                                   "n_buckets": n_buckets})
+
+    def precommit(self, rid: str, version: int, digest: Optional[str]) -> dict[str, Any]:
+        return self._call("precommit", {"epoch": self.epoch, "rid": rid, "version": version,
+                                        "digest": digest})
+
+    def nack(self, rid: str, version: int, reason: str) -> dict[str, Any]:
+        return self._call("nack", {"epoch": self.epoch, "rid": rid, "version": version, "reason": reason})
+
+    def commit(self, version: int) -> dict[str, Any]:
+        return self._call("commit", {"epoch": self.epoch, "version": version})
+
+    def abort(self, version: int, reason: str, kind: str) -> bool:
+        return self._call("abort", {"epoch": self.epoch, "version": version, "reason": reason, "kind": kind})
+
+    def post_handles(self, version: int, handles: list[list[str]], owner: str, holders: list[str]) -> int:
+        return self._call("post_handles", {"epoch": self.epoch, "version": version, "handles": handles,
+                                           "owner": owner, "holders": holders})
+
+    def ack(self, rid: str, version: int) -> list[dict[str, Any]]:
+        return self._call("ack", {"epoch": self.epoch, "rid": rid, "version": version})
+
+    def sweep(self) -> dict[str, Any]:
+        return self._call("sweep", {"epoch": self.epoch})
+
+    def status(self) -> dict[str, Any]:
+        return self._call("status", {})
+
+    def close(self) -> None:
+        self._close()
+
+
+def open_session(fleet: str, config: SyncConfig) -> FleetSession:
+    """Connect to the fleet's coordinator (backend from ``config``) and claim the fleet for this publisher."""
+    owner = {"host": HOST, "pid": os.getpid(), "fleet": fleet}
+    backend = config.coord_backend
+    if backend == "tcp":
+        from .client import CoordClient, parse_endpoints
+
+        client = CoordClient(parse_endpoints(config.coord_endpoint), token=config.coord_token,
+                             timeout_s=config.timeout_s, max_message_bytes=config.max_message_bytes)
+        session = FleetSession(fleet, lambda m, a: client.call(fleet, m, a), backend, client.close)
+    else:
+        store = None
+        if backend == "redis":
+            from .redis_store import RedisStore
+
+            store = RedisStore(fleet, config.redis_url, lease_ms=config.coord_lease_ms,
+                               timeout_s=config.timeout_s,
+                               holder={"endpoint": f"publisher {HOST}:{os.getpid()}", "host": HOST,
+                                       "pid": os.getpid()})
+        coord = Coordinator(fleet, config, store)
+        session = FleetSession(fleet, coord.call, backend, coord.close)
+        if backend == "redis":
+            _wait_for_lease(coord, config)
+    try:
+        session.claim(owner)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def _wait_for_lease(coord: Coordinator, config: SyncConfig) -> None:
+    """A previous publisher of this fleet may still hold the lease (it died moments ago): wait it out."""
+    deadline = time.monotonic() + config.timeout_s
+    logged = False
+    while True:
+        try:
+            coord.store.ensure_leader()
+            return
+        except NotLeaderError as exc:
+            if time.monotonic() >= deadline:
+                raise SyncTimeoutError(f"could not become the coordinator of {coord.fleet} within "
+                                       f"{config.timeout_s:.1f}s: {exc}") from None
+            if not logged:
+                log.info("waiting for the leader lease of %s: %s", coord.fleet, exc)
+                logged = True
+            time.sleep(min(config.coord_lease_ms / 4000.0, 0.25))
+
+
+__all__ = ["FleetSession", "open_session"]
