@@ -192,6 +192,15 @@ class SyncConfig:
     ucx_net_devices: Optional[str] = None
     """UCX network devices (UCX_NET_DEVICES); empty falls back to NCCL_IB_HCA, then to UCX's choice."""
 
+    ucx_options: str = "TCP_TX_SEG_SIZE=1m,TCP_RX_SEG_SIZE=1m"
+    """Extra UCX options as comma-separated KEY=VALUE (the UCX_ prefix is optional). They override
+    UCX's own UCX_* variables. The default 1 MiB TCP segments move large buffers several times faster
+    than UCX's 64 KiB default."""
+
+    ucx_backend: Literal["auto", "ucp", "ucxx", "ucxx-async"] = "auto"
+    """Python binding of the ucx transport: ``auto`` takes ucx-py (ucp) when importable, else ucxx's
+    core API; ``ucxx-async`` drives ucxx through the asyncio API ucx-py shares."""
+
     # ---------------------------------------------------------------- control plane
     coord_backend: Literal["embedded", "tcp", "redis"] = "embedded"
     """Where the coordinator state lives: ``embedded`` inside the publisher, ``tcp`` a standalone
@@ -514,3 +523,18 @@ def default_of(name: str) -> Any:
 __all__ = ["SyncConfig", "field_docs", "field_sections", "default_of", "parse_int_list",
            "NON_CONFIG_VARIABLES", "ENV_PREFIX"]
 
+
+
+# Environment variables set by MPI launchers (mpirun/mpiexec/srun with PMI) in every process they start.
+MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_facts(environ: Mapping[str, str] | None = None) -> dict[str, Optional[str]]:
+    """What the process launcher says about this process (for transport auto-selection).
+
+    Returns ``{"mpi_launcher": "VAR=value" or None}``. Lives here because this is the one module
+    that reads the environment.
+    """
+    env = os.environ if environ is None else environ
+    hit = next((f"{v}={env[v]}" for v in MPI_LAUNCHER_VARIABLES if v in env), None)
+    return {"mpi_launcher": hit}

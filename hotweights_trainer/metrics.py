@@ -146,3 +146,22 @@ def snapshot() -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+# ---------------------------------------------------------------- per transport (updated by transports/meter.py)
+TRANSPORT_BYTES = Counter("hotweights_transport_bytes", "Bucket bytes a transport moved (per destination group)",
+                          ["endpoint", "transport"], registry=REGISTRY)
+TRANSPORT_BUCKETS = Counter("hotweights_transport_buckets", "Buckets a transport moved",
+                            ["endpoint", "transport"], registry=REGISTRY)
+TRANSPORT_SECONDS = Counter("hotweights_transport_seconds", "Seconds buckets spent in flight, summed",
+                            ["endpoint", "transport"], registry=REGISTRY)
+TRANSPORT_RETRIES = Counter("hotweights_transport_retries", "Connects or sends a transport retried",
+                            ["endpoint", "transport"], registry=REGISTRY)
+IPC_WINDOW = Gauge("hotweights_ipc_window", "Current in-flight window (buckets)", ["endpoint", "transport"],
+                   registry=REGISTRY)
+IPC_RECOMMENDED_WINDOW = Gauge("hotweights_ipc_recommended_window",
+                               "Window the adaptive controller recommends from measured bucket times",
+                               ["endpoint", "transport"], registry=REGISTRY)
+IPC_INFLIGHT_BUCKETS = Gauge("hotweights_ipc_inflight_buckets", "Buckets in flight now", ["endpoint", "transport"],
+                             registry=REGISTRY)
+IPC_INFLIGHT_BYTES = Gauge("hotweights_ipc_inflight_bytes", "Bytes in flight now", ["endpoint", "transport"],
+                           registry=REGISTRY)

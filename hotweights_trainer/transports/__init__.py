@@ -19,21 +19,33 @@ log = logging.getLogger(__name__)
 # name -> (module, publisher class, receiver class)
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "shm": ("hotweights_trainer.transports.shm", "ShmPublisher", "ShmReceiver"),
+    "torch": ("hotweights_trainer.transports.torchdist", "TorchPublisher", "TorchReceiver"),
+    "mpi": ("hotweights_trainer.transports.mpi", "MpiPublisher", "MpiReceiver"),
+    "ucx": ("hotweights_trainer.transports.ucx", "UcxPublisher", "UcxReceiver"),
 }
 
 # Which endpoint schemes each transport accepts.
 SCHEMES: dict[str, tuple[str, ...]] = {
     "shm": ("shm",),
+    "torch": ("tcp",),
+    "mpi": ("mpi",),
+    "ucx": ("tcp",),
 }
 
 
 def resolve(endpoint: Endpoint, config: SyncConfig, *, role: str) -> str:
     """The transport name to use for ``endpoint``; logs every input of an ``auto`` decision."""
+    return _resolve(endpoint, config, role=role)[0]
+
+
+def _resolve(endpoint: Endpoint, config: SyncConfig, *, role: str) -> tuple[str, Endpoint]:
     name = config.transport
     if name == "auto":
-        from .select import auto_select
+        from .select import auto_select, shm_endpoint_for
 
         name = auto_select(endpoint, config, role=role)
+        if name == "shm":
+            endpoint = shm_endpoint_for(endpoint)  # a loopback tcp:// endpoint means "this host"
     if name not in REGISTRY:
         raise TransportUnavailableError(
             f"transport {name!r} is not available in this build; available: {', '.join(sorted(REGISTRY))}")
@@ -41,7 +53,7 @@ def resolve(endpoint: Endpoint, config: SyncConfig, *, role: str) -> str:
         raise ConfigError(
             f"transport {name!r} cannot use endpoint {endpoint} (it takes "
             f"{', '.join(s + '://' for s in SCHEMES[name])})")
-    return name
+    return name, endpoint
 
 
 def _load(name: str, index: int) -> Any:
@@ -49,15 +61,20 @@ def _load(name: str, index: int) -> Any:
     return getattr(importlib.import_module(module), classes[index])
 
 
+def publisher_class(name: str) -> type:
+    """The publisher transport class of ``name`` (imports its module)."""
+    return _load(name, 0)
+
+
 def create_publisher_transport(endpoint: Endpoint, config: SyncConfig) -> PublisherTransport:
-    name = resolve(endpoint, config, role="publisher")
+    name, endpoint = _resolve(endpoint, config, role="publisher")
     return _load(name, 0)(endpoint, config)
 
 
 def create_receiver_transport(endpoint: Endpoint, config: SyncConfig) -> ReceiverTransport:
-    name = resolve(endpoint, config, role="receiver")
+    name, endpoint = _resolve(endpoint, config, role="receiver")
     return _load(name, 1)(endpoint, config)
 
 
-__all__ = ["REGISTRY", "SCHEMES", "resolve", "create_publisher_transport", "create_receiver_transport",
+__all__ = ["REGISTRY", "SCHEMES", "resolve", "publisher_class", "create_publisher_transport", "create_receiver_transport",
            "parse_endpoint", "Endpoint"]

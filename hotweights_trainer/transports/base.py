@@ -38,7 +38,21 @@ takes its deadline from ``config.timeout_s``.
 
 Capabilities are class attributes: ``zero_copy`` (receivers read the publisher's buffer directly),
 ``multi_receiver`` (one publisher feeds several receivers), ``cross_host`` (peers on other hosts),
-``addressable`` (``to`` may name a subset of receivers, which late-join catch-up needs).
+``addressable`` (``to`` may name a subset of receivers, which late-join catch-up needs),
+``late_join`` (a receiver may start after versions were committed and catches up),
+``pipelined`` (``post`` returns before the bytes arrived; the in-flight window and byte cap of
+:mod:`.window` bound what is outstanding) and ``survives_receiver_death`` (a receiver that dies
+mid-version costs the publisher a bounded error or an eviction; false where the launcher's fault
+model ends the whole job instead, as MPI's does). ``limits`` says in words why a capability is
+missing, so tests and ``hotweights doctor`` can report it instead of silently skipping.
+
+Choosing one: ``SyncConfig.transport`` / ``HOTWEIGHTS_TRANSPORT`` is ``auto``, ``shm``, ``torch``,
+``mpi``, ``ucx`` or ``cuda_ipc``; ``auto`` is decided in :mod:`.select`. The rendezvous comes from the
+endpoint: ``shm://NAME`` (same host), ``tcp://HOST:PORT`` (``torch`` and ``ucx``: the publisher
+listens there, receivers connect) and ``mpi://`` (the MPI world: rank 0 publishes, the other ranks
+receive). Subset groups (``torch``, ``mpi``) are always created collectively by exactly their
+members, never by a subset of an existing world, so a receiver that is busy, late or gone can never
+hold up a group it is not in.
 """
 
 from __future__ import annotations
@@ -116,6 +130,10 @@ class PublisherTransport(abc.ABC):
     multi_receiver: ClassVar[bool] = True
     cross_host: ClassVar[bool] = False
     addressable: ClassVar[bool] = True
+    late_join: ClassVar[bool] = True
+    pipelined: ClassVar[bool] = False
+    survives_receiver_death: ClassVar[bool] = True
+    limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         self.endpoint = endpoint
@@ -158,8 +176,7 @@ class PublisherTransport(abc.ABC):
         return TransportStats()
 
     def describe(self) -> dict[str, Any]:
-        return {"transport": self.name, "endpoint": str(self.endpoint), "zero_copy": self.zero_copy,
-                "multi_receiver": self.multi_receiver, "cross_host": self.cross_host}
+        return {"transport": self.name, "endpoint": str(self.endpoint), **capabilities(type(self))}
 
 
 class ReceiverTransport(abc.ABC):
@@ -186,5 +203,16 @@ class ReceiverTransport(abc.ABC):
         return False
 
 
-__all__ = ["PublisherTransport", "ReceiverTransport", "PublisherHandler", "ReceiverHandler",
+CAPABILITIES = ("zero_copy", "multi_receiver", "cross_host", "addressable", "late_join", "pipelined",
+                "survives_receiver_death")
+
+
+def capabilities(cls: type) -> dict[str, Any]:
+    """The capability attributes of a publisher transport class, plus ``limits``."""
+    out: dict[str, Any] = {name: bool(getattr(cls, name)) for name in CAPABILITIES}
+    out["limits"] = dict(getattr(cls, "limits", {}))
+    return out
+
+
+__all__ = ["CAPABILITIES", "capabilities", "PublisherTransport", "ReceiverTransport", "PublisherHandler", "ReceiverHandler",
            "BucketBuffer", "TransportStats", "TICK_S", "Optional"]

@@ -161,6 +161,13 @@ class ShmPublisher(PublisherTransport):
     multi_receiver: ClassVar[bool] = True
     cross_host: ClassVar[bool] = False
     addressable: ClassVar[bool] = True
+    late_join: ClassVar[bool] = True
+    pipelined: ClassVar[bool] = False
+    limits: ClassVar[dict[str, str]] = {
+        "cross_host": "shared memory exists on one host only",
+        "pipelined": "buckets are written straight into shared memory and verified there in place; a version "
+                     "stays mapped until commit, so there is nothing in flight to window or cap",
+    }
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _require_posix()

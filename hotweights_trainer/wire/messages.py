@@ -35,6 +35,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # receiver -> publisher, delta sync: dense copies of [name, elem_start, elem_count] ranges whose
     # delta this receiver cannot apply (no or another base version, checksum mismatch after patching)
     "resync": {"version": int, "ranges": list},
+    # either direction: transport-private (group formation, goodbyes); the transport validates the rest
+    "tx": {"kind": str},
 }
 
 
