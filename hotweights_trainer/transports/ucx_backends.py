@@ -196,7 +196,7 @@ class AsyncBackend:
 
     @staticmethod
     def alive(ep: Any) -> bool:
-        return not ep.closed()
+        return not _closed(ep)
 
     def close_endpoint(self, ep: Any) -> None:
         try:
@@ -206,12 +206,18 @@ class AsyncBackend:
 
     def close(self) -> None:
         for ep in self._eps:
-            if not ep.closed():
+            if not _closed(ep):
                 self.close_endpoint(ep)
         self._eps.clear()
         self._listener = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+def _closed(ep: Any) -> bool:
+    # ucx-py has Endpoint.closed(); ucxx made it a property.
+    closed = ep.closed
+    return bool(closed() if callable(closed) else closed)
 
 
 __all__ = ["create_backend", "ucx_options", "CoreBackend", "AsyncBackend"]
