@@ -578,6 +578,10 @@ class MpiReceiver(ReceiverTransport):
         self._hello: Optional[Callable[[], dict[str, Any]]] = None
         self._groups: dict[int, Any] = {}
         self._waiting: dict[int, list[int]] = {}  # epochs we said ready for, awaiting go/ungroup
+        # Buckets whose broadcasts are posted but not complete, at most mpi_window (--window); the
+        # rest wait here in order. Bounds what a receiver takes on ahead of its engine.
+        self._active: dict[EventPending, int] = {}  # posted, not complete -> group epoch
+        self._deferred: collections.deque[tuple[int, EventPending, Callable[[], None]]] = collections.deque()
         self._connected = False
         self._closed = False
 
@@ -656,6 +660,7 @@ class MpiReceiver(ReceiverTransport):
             epoch = tcp.field(msg, "epoch", int, minimum=0)
             self._waiting.pop(epoch, None)
             comm = self._groups.pop(epoch, None)
+            self._retire(epoch)
             if comm is not None:
                 comm.Free()
         elif kind in ("bye", "drop"):
@@ -663,6 +668,7 @@ class MpiReceiver(ReceiverTransport):
             self._connected = False
             self._delivery.lost(f"{'publisher closed' if kind == 'bye' else 'evicted by the publisher'}: {reason}")
             self._groups.clear()
+            self._retire(None)
             if not self._closed and self._hello is not None:
                 self._mt._isend(0, messages.encode(self._hello())[4:])  # ready for the next publisher
 
@@ -682,11 +688,40 @@ class MpiReceiver(ReceiverTransport):
         hbuf = self._pool.lend(version, length)
         arr = _numpy_view(hbuf)
         parts = tcp.chunks(length, chunk)
-        pending = EventPending(len(parts))
-        reqs = [comm.Ibcast([arr[off:off + size], self._mt.MPI.BYTE], root=0) for off, size in parts]
-        self._mt.track(reqs, pending)
+        pending = EventPending(len(parts), on_done=self._bucket_done)
         hbuf.busy = lambda: not pending.done()
+        epoch = int(epoch_text)
+
+        def post() -> None:
+            self._active[pending] = epoch
+            reqs = [comm.Ibcast([arr[off:off + size], self._mt.MPI.BYTE], root=0) for off, size in parts]
+            self._mt.track(reqs, pending)
+
+        if len(self._active) < self.config.mpi_window and not self._deferred:
+            post()
+        else:
+            self._deferred.append((epoch, pending, post))
+        # Queued for the engine now, so control messages after it keep their order.
         self._delivery.bucket(version, index, hbuf.mem[:length], pending, on_abandon=lambda: self._pool.forget(hbuf))
+
+    def _bucket_done(self, pending: EventPending) -> None:
+        """(MPI thread) a bucket's broadcasts completed: post the next deferred one."""
+        self._active.pop(pending, None)
+        while self._deferred and len(self._active) < self.config.mpi_window:
+            self._deferred.popleft()[2]()
+
+    def _retire(self, epoch: Optional[int]) -> None:
+        """(MPI thread) forget the broadcasts of group ``epoch`` (all when None): they will not complete."""
+        gone = PeerLostError("broadcast group retired")
+        dropped = [item for item in self._deferred if epoch is None or item[0] == epoch]
+        self._deferred = collections.deque(item for item in self._deferred if item not in dropped)
+        for item in dropped:
+            item[1].finish(gone)
+        for pending, e in list(self._active.items()):
+            if epoch is None or e == epoch:
+                self._mt.forget(pending)
+                self._active.pop(pending, None)
+                pending.finish(gone)
 
 
 __all__ = ["MpiPublisher", "MpiReceiver", "CTRL_TAG", "GROUP_TAG"]
