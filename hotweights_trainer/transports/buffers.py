@@ -32,7 +32,15 @@ class HostBuffer:
 
     def __init__(self, size: int):
         self.size = size
-        self.mm = mmap.mmap(-1, size)
+        # Private, not shared: anonymous shared memory is tmpfs-backed (no huge pages, slower copies).
+        self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if size >= _ALIGN and hasattr(mmap, "MADV_HUGEPAGE"):
+            # Transparent huge pages: copies into and out of large buffers (CMA, memcpy) run markedly
+            # faster without a TLB miss every 4 KiB. Advisory; a kernel without THP ignores it.
+            try:
+                self.mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
         try:
             self.mm.madvise(_MADV_POPULATE_WRITE)
         except (OSError, AttributeError):

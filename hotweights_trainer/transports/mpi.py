@@ -33,6 +33,7 @@ import atexit
 import collections
 import logging
 import queue
+import secrets
 import threading
 import time
 import weakref
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import (EndpointError, HotweightsError, PeerLostError, SyncTimeoutError,
+from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
                       TransportUnavailableError, WireFormatError, missing_dependency)
 from ..wire import messages
 from . import tcp
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 CTRL_TAG = 0x4857   # "HW": control messages on COMM_WORLD
 GROUP_TAG = 0x4858  # MPI_Comm_create_group tag
 _GROUPS_KEPT = 3
+_HOT_S = 0.02  # keep polling this long after the last activity before idling in 1 ms waits
 _live: "weakref.WeakSet[_MpiThread]" = weakref.WeakSet()
 
 
@@ -173,6 +175,7 @@ class _MpiThread:
         MPI = self.MPI
         status = MPI.Status()
         next_tick = time.monotonic() + TICK_S
+        last_busy = 0.0
         while not self._stop.is_set():
             busy = False
             try:
@@ -208,12 +211,16 @@ class _MpiThread:
                         tick()
             except Exception:  # noqa: BLE001 - keep the progress thread alive; the error is logged
                 log.exception("mpi transport progress thread error")
-            if not busy:
-                if self._reqs:
-                    time.sleep(2e-5)  # data in flight: poll often, MPI progresses only inside calls
-                else:
-                    self._wake.wait(0.001)
-                    self._wake.clear()
+            now = time.monotonic()
+            if busy:
+                last_busy = now
+            elif self._reqs or now - last_busy < _HOT_S:
+                # Data in flight (MPI progresses only inside calls) or a transfer just ended (its
+                # next control message is due): poll often.
+                time.sleep(0 if self._reqs else 2e-5)
+            else:
+                self._wake.wait(0.001)
+                self._wake.clear()
         for req, _ in self._sends:
             try:
                 if not req.Test():
@@ -343,6 +350,9 @@ class MpiPublisher(PublisherTransport):
         self._epoch = 0
         self._lock = threading.RLock()
         self._closed = False
+        # Tags this publisher's messages, so a receiver ignores a goodbye that an earlier publisher
+        # on rank 0 left in MPI's queue.
+        self._inst = secrets.randbits(48)
 
     def start(self, handler: PublisherHandler) -> None:
         self._handler = handler
@@ -359,7 +369,7 @@ class MpiPublisher(PublisherTransport):
             self._closed = True
             ranks = list(self._rid_of)
         for r in ranks:
-            self._mt.send_ctl(r, {"op": "tx", "kind": "bye", "reason": "publisher closed"})
+            self._mt.send_ctl(r, {"op": "tx", "kind": "bye", "reason": "publisher closed", "inst": self._inst})
         self._mt.stop(self.config.timeout_s)
         if self._events is not None:
             self._events.stop(self.config.timeout_s)
@@ -426,6 +436,8 @@ class MpiPublisher(PublisherTransport):
                     missing.append(rid)
                 else:
                     ranks.append(r)
+        if msg["op"] == "welcome":
+            msg = {**msg, "inst": self._inst}
         for r in ranks:
             self._mt.send_ctl(r, msg)
         return missing
@@ -435,7 +447,7 @@ class MpiPublisher(PublisherTransport):
             rank = self._rank_of.get(rid)
         if rank is None:
             return
-        self._mt.send_ctl(rank, {"op": "tx", "kind": "drop", "reason": reason[:500]})
+        self._mt.send_ctl(rank, {"op": "tx", "kind": "drop", "reason": reason[:500], "inst": self._inst})
         self._lost(rank, f"evicted: {reason}")
 
     def stats(self) -> TransportStats:
@@ -584,6 +596,7 @@ class MpiReceiver(ReceiverTransport):
         self._deferred: collections.deque[tuple[int, EventPending, Callable[[], None]]] = collections.deque()
         self._connected = False
         self._closed = False
+        self._inst: Optional[int] = None  # the publisher instance that welcomed us
 
     def start(self, handler: ReceiverHandler, hello: Callable[[], dict[str, Any]]) -> None:
         self._delivery = OrderedDelivery(handler, timeout_s=self.config.timeout_s, name=f"mpi-{self._mt.rank}")
@@ -634,6 +647,7 @@ class MpiReceiver(ReceiverTransport):
             return
         if op == "welcome":
             self._connected = True
+            self._inst = msg.get("inst")
             self._delivery.connected({})
         elif op == "abort":
             self._delivery.abandon(msg["version"])
@@ -664,6 +678,9 @@ class MpiReceiver(ReceiverTransport):
             if comm is not None:
                 comm.Free()
         elif kind in ("bye", "drop"):
+            if self._inst is None or msg.get("inst") != self._inst:
+                return  # from an earlier publisher on rank 0, or before we were welcomed
+            self._inst = None
             reason = msg.get("reason") if isinstance(msg.get("reason"), str) else kind
             self._connected = False
             self._delivery.lost(f"{'publisher closed' if kind == 'bye' else 'evicted by the publisher'}: {reason}")

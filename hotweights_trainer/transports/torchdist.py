@@ -41,11 +41,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig, parse_int_list
-from ..errors import (EndpointError, HotweightsError, PeerLostError, SyncTimeoutError,
+from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
                       TransportUnavailableError, WireFormatError)
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,

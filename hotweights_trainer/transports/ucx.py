@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import EndpointError, PeerLostError, SyncTimeoutError, WireFormatError
+from ..errors import EndpointError, PeerLostError, WireFormatError
 from . import tcp
-from .base import BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport, TransportStats
+from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,
+                   TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
 from .control_channel import ControlClient, ControlServer
 from .delivery import EventPending, OrderedDelivery
@@ -213,11 +214,12 @@ class UcxPublisher(PublisherTransport):
                     break
                 peers = list(self._peers.values())
             for peer in peers:
-                try:
-                    self._pump_peer(peer, concurrency)
-                except Exception as exc:  # noqa: BLE001 - one peer's failure must not stop the others
-                    log.exception("ucx transport: sending to %s failed", peer.rid)
-                    self._fail_peer(peer, f"send error: {exc}")
+                with self._lock:  # _on_lost may fail the same peer from the control thread
+                    try:
+                        self._pump_peer(peer, concurrency)
+                    except Exception as exc:  # noqa: BLE001 - one peer's failure must not stop the others
+                        log.exception("ucx transport: sending to %s failed", peer.rid)
+                        self._fail_peer(peer, f"send error: {exc}")
             time.sleep(1e-4)
         for peer in list(self._peers.values()):
             self._fail_peer(peer, "publisher closed")
@@ -268,6 +270,10 @@ class UcxPublisher(PublisherTransport):
             log.warning("reconnecting UCX to %s failed: %s", peer.rid, exc)
 
     def _fail_peer(self, peer: _Peer, reason: str) -> None:
+        with self._lock:
+            self._fail_peer_locked(peer, reason)
+
+    def _fail_peer_locked(self, peer: _Peer, reason: str) -> None:
         if peer.failed:
             return
         peer.failed = reason
