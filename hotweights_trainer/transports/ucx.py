@@ -114,6 +114,7 @@ class UcxPublisher(PublisherTransport):
         self._chunk = config.ucx_chunk_mb << 20
         self._limit = config.ucx_inflight_limit_mb << 20
         self._peers: dict[str, _Peer] = {}
+        self._graveyard: list[tuple[Any, list[Any]]] = []
         self._lock = threading.Condition()
         self._server: Optional[ControlServer] = None
         self._closed = False
@@ -141,8 +142,9 @@ class UcxPublisher(PublisherTransport):
         self._pump.join(self.config.timeout_s)
         for peer in list(self._peers.values()):
             self._backend.close_endpoint(peer.ep)
+        self._backend.close()  # stops the progress thread; only then may dead endpoints go
         self._peers.clear()
-        self._backend.close()
+        self._graveyard.clear()
         self._pool.clear()
 
     # ---------------------------------------------------------------- buckets
@@ -265,7 +267,9 @@ class UcxPublisher(PublisherTransport):
         if self._backend.alive(peer.ep):
             return
         try:
+            old = peer.ep
             peer.ep = self._backend.connect(peer.host, peer.port, self.config.timeout_s)
+            self._graveyard.append((old, []))  # released after the progress thread stops
         except Exception as exc:  # noqa: BLE001 - the retry that follows fails and is counted
             log.warning("reconnecting UCX to %s failed: %s", peer.rid, exc)
 
@@ -280,6 +284,7 @@ class UcxPublisher(PublisherTransport):
         err = PeerLostError(f"receiver {peer.rid}: {reason}")
         for s in list(peer.queued) + list(peer.active):
             s.flight.pending.finish(err)
+        self._graveyard.append((peer.ep, [s.req for s in peer.active if s.req is not None]))
         peer.queued.clear()
         peer.active.clear()
         peer.active_bytes = 0
@@ -325,9 +330,13 @@ class UcxPublisher(PublisherTransport):
     def _on_lost(self, rid: str) -> None:
         with self._lock:
             peer = self._peers.pop(rid, None)
+            if peer is not None:
+                # Neither close the endpoint of a vanished peer nor drop requests still in flight on
+                # it while UCX's progress thread may be failing them: ucxx can crash on that race.
+                # They are released after the progress thread has stopped, in close().
+                self._graveyard.append((peer.ep, [s.req for s in peer.active if s.req is not None]))
         if peer is not None:
             self._fail_peer(peer, "disconnected")
-            self._backend.close_endpoint(peer.ep)
 
 
 class _Hooks:
