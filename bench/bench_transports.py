@@ -336,8 +336,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke-sized run (8 MiB, one rep, transports available here); its numbers mean nothing")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.sizes_mb, args.reps, args.bucket_mb = "8", 1, 4
+        args.transports = ",".join(t for t in args.transports.split(",") if _available(t))
     if args.worker:
         role, transport, endpoint, size, reps, cfg_json, raw_port = args.worker
         worker_pair(role, transport, endpoint, int(size), int(reps), cfg_json, int(raw_port))
@@ -385,6 +390,16 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _available(transport: str) -> bool:
+    import importlib.util
+
+    if transport == "mpi":
+        return importlib.util.find_spec("mpi4py") is not None and shutil.which("mpirun") is not None
+    if transport == "ucx":
+        return importlib.util.find_spec("ucxx") is not None or importlib.util.find_spec("ucp") is not None
+    return True
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -24,10 +24,13 @@ SUBCOMMANDS: dict[str, bool] = {
     "bench": True,
     "coord": False,  # a group: "coord gc" has --json, "coord serve" prints one JSON line
     "demo": True,
+    "doctor": True,
     "kv-check": True,
     "metrics": True,
     "opt-check": True,
     "status": True,
+    "publish": True,
+    "receive": True,
 }
 
 
