@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 PREFERENCE = ("nccl", "ccl", "gloo")
 DEVICE_OF = {"gloo": "cpu", "nccl": "cuda", "ccl": "xpu"}
+GLOO_DEVICES = 2
+"""TCP connections per peer in a gloo group (measured here: 1 GiB in 32 MiB chunks went from ~55% to
+~75% of one big dist.broadcast with two). Every member must use the same count."""
 
 
 def local_backends() -> dict[str, str]:
@@ -91,10 +94,11 @@ def make_group(backend: str, store: Any, rank: int, size: int, timeout_s: float,
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
-        if hostname:
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
-        else:
-            opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+        make = (lambda: dist.ProcessGroupGloo.create_device(hostname=hostname)) if hostname else \
+            dist.ProcessGroupGloo.create_default_device
+        # Two devices = two TCP connections per peer; consecutive broadcasts alternate between them,
+        # so one chunk's transfer overlaps the next one's setup.
+        opts._devices = [make() for _ in range(GLOO_DEVICES)]
         return dist.ProcessGroupGloo(store, rank, size, opts)
     if backend == "nccl":  # pragma: no cover - needs a GPU
         opts = dist.ProcessGroupNCCL.Options()
