@@ -314,11 +314,11 @@ def ucx_perftest_seconds(size: int, reps: int, env: dict) -> dict[str, float]:
     for name, extra in variants.items():
         e = dict(env, UCX_TLS="tcp", **extra)
         port = str(_free_port())
-        iters = str(max(2 * reps, 4))
-        server = subprocess.Popen([exe, "-t", "tag_bw", "-s", str(size), "-n", iters, "-w", "2", "-p", port],
+        iters = str(max(5 * reps, 16))  # perftest is noisy over few iterations
+        server = subprocess.Popen([exe, "-t", "tag_bw", "-s", str(size), "-n", iters, "-w", "3", "-p", port],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
         time.sleep(1.0)
-        client = subprocess.run([exe, "127.0.0.1", "-t", "tag_bw", "-s", str(size), "-n", iters, "-w", "2",
+        client = subprocess.run([exe, "127.0.0.1", "-t", "tag_bw", "-s", str(size), "-n", iters, "-w", "3",
                                  "-p", port],
                                 capture_output=True, text=True, env=e, timeout=300)
         server.wait(60)
