@@ -278,11 +278,15 @@ class _Events:
                 item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
                 item = ()
-            if item is None:
-                return
-            if item:
+            while item:  # everything already queued (heartbeats included) goes before the next tick
                 fn, args = item
                 self._safe(fn, *args)
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    item = ()
+            if item is None:
+                return
             if self._tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
                 self._safe(self._tick)
