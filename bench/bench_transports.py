@@ -12,8 +12,8 @@ For each size, in one run, two processes on this host (publisher + one receiver)
 - ``transport``: the transport alone, through its contract -- pre-packed buckets posted by the
   publisher transport, delivered in order to the receiver engine callbacks, which answers
   ``staged`` when the last one arrived (control plane, chunking, window, buffer pools included);
-- ``publish``: ``WeightPublisher.publish`` end to end (packing, xxh3 checksums on both sides,
-  manifest checks, two-phase commit) -- what a trainer sees.
+- ``publish``: ``WeightPublisher.publish`` end to end, dense (packing, xxh3 checksums on both
+  sides, manifest checks, two-phase commit) -- what a trainer sees.
 
 Every number is the best of ``--reps`` timed runs after one warm-up; GB/s is 10^9 bytes/s. The
 machine is shared and noisy: compare ratios taken in the same run.
@@ -209,7 +209,8 @@ def worker_pair(role: str, transport: str, endpoint: str, size: int, reps: int, 
     from hotweights_trainer import SyncConfig, WeightPublisher, WeightReceiver
     from hotweights_trainer.transports import create_publisher_transport, create_receiver_transport, parse_endpoint
 
-    cfg = SyncConfig(transport=transport, timeout_s=300, **json.loads(cfg_json))
+    # delta off: the same weights are published every rep, and a delta of nothing measures nothing.
+    cfg = SyncConfig(transport=transport, timeout_s=300, delta="off", **json.loads(cfg_json))
     ep = parse_endpoint(endpoint)
     n_buckets = -(-size // cfg.bucket_bytes)
     rank = 0 if role == "pub" else 1
