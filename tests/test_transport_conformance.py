@@ -17,7 +17,7 @@ from hotweights_trainer import (CorruptBucketError, PeerLostError, SyncConfig, S
                                 WeightReceiver)
 from hotweights_trainer.transports import publisher_class
 from hotweights_trainer.verify import weights_digest
-from tests.conftest import free_port, require
+from tests.conftest import child_env, free_port, require
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, write_spec
 
@@ -253,3 +253,24 @@ def test_inflight_cap_is_never_exceeded(variant, window, cap_buckets):
     if cap:
         assert 0 < stats.inflight_bytes_high <= cap
     assert stats.inflight_buckets == 0 and stats.inflight_bytes == 0
+
+
+@pytest.mark.gpu
+def test_torch_transport_nccl_round_trip():
+    """The nccl group path (buckets staged through device memory); needs two CUDA devices."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (NCCL ranks must not share one)")
+    endpoint, spec_path = f"tcp://127.0.0.1:{free_port()}", write_spec(SPEC)
+    rx = Proc(["-m", "tests.procs.tx_receiver", "--endpoint", endpoint, "--transport", "torch", "--spec", spec_path,
+               "--until", "1", "--timeout", str(TIMEOUT)], env=child_env(CUDA_VISIBLE_DEVICES="1"))
+    try:
+        rx.next(TIMEOUT)
+        with WeightPublisher(endpoint, config=_config("torch", torch_backend="nccl")) as pub:
+            pub.wait_for_receivers(1)
+            tensors = make_tensors(SPEC, 70)
+            pub.publish(tensors)
+            assert _next_version(rx, 1)["digests"] == weights_digest(tensors)
+    finally:
+        _kill_all(rx)
