@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .hostcopy import host_copy
 from .errors import ManifestMismatchError, WireFormatError
 from .naming import NameMap, map_name, strip_wrappers
 from .source import unwrap_model
@@ -148,7 +147,7 @@ class StagedVersion:
             buf, done = partial.get(e.name, (None, 0))
             if buf is None:
                 buf = torch.empty(e.numel, dtype=e.dtype)
-            host_copy(buf[e.elem_start:e.elem_start + e.elem_count], self.entry_tensor(header, data, e))
+            buf[e.elem_start:e.elem_start + e.elem_count].copy_(self.entry_tensor(header, data, e))
             done += e.elem_count
             if done == e.numel:
                 partial.pop(e.name, None)
@@ -169,11 +168,11 @@ def apply_to_targets(staged: StagedVersion, resolve: Callable[[str], tuple[Optio
             dst = target.data
             src = staged.entry_tensor(header, data, e)
             if dst.is_contiguous():
-                host_copy(dst.view(-1)[e.elem_start:e.elem_start + e.elem_count], src)
+                dst.view(-1)[e.elem_start:e.elem_start + e.elem_count].copy_(src)
             else:
                 # Rare (e.g. a transposed buffer): assemble, then one strided copy.
                 flat = deferred.setdefault(e.name, torch.empty(e.numel, dtype=e.dtype))
-                host_copy(flat[e.elem_start:e.elem_start + e.elem_count], src)
+                flat[e.elem_start:e.elem_start + e.elem_count].copy_(src)
             copied += e.payload_nbytes
         for name, flat in deferred.items():
             _, target = resolve(name)

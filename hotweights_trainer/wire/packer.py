@@ -13,7 +13,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from ..hostcopy import host_copy
 from .bucket import ALIGN, ENC_DENSE, Entry, header_size, layout_payload, seal, write_header
 from .dtypes import dtype_code, itemsize
 
@@ -98,11 +97,11 @@ def pack_into(buf: memoryview, plan: PlannedBucket, *, version: int, index: int,
         dst = torch.frombuffer(buf, dtype=torch.uint8, count=entry.payload_nbytes,
                                offset=hlen + entry.payload_off)
         if entry.encoding != ENC_DENSE:
-            host_copy(dst, src.reshape(-1))  # an encoded payload, already bytes
+            dst.copy_(src.reshape(-1))  # an encoded payload, already bytes
             continue
         dst = dst.view(entry.dtype)
         flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
-        host_copy(dst, flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
+        dst.copy_(flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
     seal(buf[:hlen + plan.payload_len])
     return hlen + plan.payload_len
 
