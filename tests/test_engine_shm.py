@@ -195,8 +195,14 @@ def test_stalled_receiver_gives_publisher_a_bounded_timeout(endpoint):
             pub.publish(make_tensors(spec, 1))
             os.kill(rx.p.pid, signal.SIGSTOP)
             t0 = time.monotonic()
-            with pytest.raises(SyncTimeoutError, match="did not stage"):
-                pub.publish(make_tensors(spec, 2))
+            # Bounded either way: the deadline passes (SyncTimeoutError) or the frozen receiver's
+            # heartbeats lapse first and it is evicted from the quorum (the version commits without it).
+            try:
+                res = pub.publish(make_tensors(spec, 2))
+            except SyncTimeoutError as exc:
+                assert "did not stage" in str(exc)
+            else:
+                assert res.receivers == 0
             assert time.monotonic() - t0 < 12
             # The stalled receiver was disconnected; the next version does not wait for it.
             assert pub.publish(make_tensors(spec, 3)).receivers == 0
