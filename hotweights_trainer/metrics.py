@@ -165,3 +165,11 @@ IPC_INFLIGHT_BUCKETS = Gauge("hotweights_ipc_inflight_buckets", "Buckets in flig
                              registry=REGISTRY)
 IPC_INFLIGHT_BYTES = Gauge("hotweights_ipc_inflight_bytes", "Bytes in flight now", ["endpoint", "transport"],
                            registry=REGISTRY)
+
+# ---------------------------------------------------------------- GPU data path (hotweights_trainer/gpu, transports/cuda_ipc.py)
+IPC_CONGESTION_RISK = Gauge("hotweights_ipc_congestion_risk",
+                            "0-1: bucket time over target and in-flight fill (formula in gpu/congestion.py); "
+                            "decays when the pressure goes away", ["endpoint", "transport"], registry=REGISTRY)
+IPC_PATH_UTILIZATION = Gauge("hotweights_ipc_path_utilization",
+                             "Share of this process's copy chunk assignments that went over each device path "
+                             "(src->dst)", ["endpoint", "path"], registry=REGISTRY)

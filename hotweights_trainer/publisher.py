@@ -47,7 +47,7 @@ from .source import iter_source
 from .transports import create_publisher_transport, parse_endpoint
 from .transports.base import BucketBuffer, PublisherTransport
 from .wire.manifest import ManifestBuilder
-from .wire.packer import pack_into, plan_buckets
+from .wire.packer import plan_buckets
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class WeightPublisher:
                 buf = self._tx.alloc(plan.total_len)
                 with self._lock:
                     rec.buffers.append(buf)
-                buf.length = pack_into(buf.mem, plan, version=version, index=index, session=self.session)
+                buf.length = self._tx.pack(buf, plan, version=version, index=index, session=self.session)
                 t_pack += time.perf_counter() - tp
                 for entry in plan.entries:
                     manifest.add(entry)

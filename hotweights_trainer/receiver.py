@@ -31,7 +31,7 @@ from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
 from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver
 from .transports import create_receiver_transport, parse_endpoint
-from .wire.bucket import decode_bucket
+from .gpu.bucket import decode_received
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class WeightReceiver:
                 return
             self._handles_fetched.inc()
             try:
-                header = decode_bucket(data, max_header_bytes=self.config.max_message_bytes)
+                header = decode_received(data, max_header_bytes=self.config.max_message_bytes)
                 if self._delta.is_resync(header):
                     self._delta.on_resync_bucket(st, header, data)
                     if st.end_seen and not st.needs:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from .gpu.bucket import DeviceBucket
 from .errors import ManifestMismatchError, WireFormatError
 from .naming import NameMap, map_name, strip_wrappers
 from .source import unwrap_model
@@ -46,7 +47,9 @@ def entry_problem(entry: Entry, target: Optional[torch.Tensor]) -> Optional[str]
 
 
 def payload_tensor(data: memoryview, header: BucketHeader, entry: Entry) -> torch.Tensor:
-    """Zero-copy 1-D view of one entry's elements inside a bucket."""
+    """Zero-copy 1-D view of one entry's elements inside a bucket (host, or device: gpu/bucket.py)."""
+    if isinstance(data, DeviceBucket):
+        return data.entry(header, entry)
     with warnings.catch_warnings():
         # Shared-memory views are read-only on purpose; torch warns about that on every call.
         warnings.simplefilter("ignore", UserWarning)
@@ -145,9 +148,10 @@ class StagedVersion:
                     torch.empty(e.shape, dtype=e.dtype)
                 continue
             buf, done = partial.get(e.name, (None, 0))
+            src = self.entry_tensor(header, data, e)
             if buf is None:
-                buf = torch.empty(e.numel, dtype=e.dtype)
-            buf[e.elem_start:e.elem_start + e.elem_count].copy_(self.entry_tensor(header, data, e))
+                buf = torch.empty(e.numel, dtype=e.dtype, device=src.device)
+            buf[e.elem_start:e.elem_start + e.elem_count].copy_(src)
             done += e.elem_count
             if done == e.numel:
                 partial.pop(e.name, None)
@@ -158,6 +162,10 @@ class StagedVersion:
 
 def apply_to_targets(staged: StagedVersion, resolve: Callable[[str], tuple[Optional[str], Any]]) -> int:
     """Copy every entry of a complete version into the model tensors in place; returns bytes copied."""
+    if any(isinstance(data, DeviceBucket) for _, data in staged.buckets.values()):
+        from .gpu.scatter import apply_device
+
+        return apply_device(staged, resolve)  # chunked device-side scatter over several streams
     copied = 0
     deferred: dict[str, torch.Tensor] = {}
     with torch.no_grad():

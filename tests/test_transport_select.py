@@ -54,8 +54,22 @@ def test_explicit_transport_must_fit_the_endpoint():
         resolve(parse_endpoint("shm://x"), SyncConfig(transport="torch"), role="publisher")
     with pytest.raises(ConfigError, match="mpi://"):
         resolve(parse_endpoint("tcp://h:1"), SyncConfig(transport="mpi"), role="publisher")
-    with pytest.raises(TransportUnavailableError, match="cuda_ipc"):
-        resolve(parse_endpoint("shm://x"), SyncConfig(transport="cuda_ipc"), role="publisher")
+    assert resolve(parse_endpoint("shm://x"), SyncConfig(transport="cuda_ipc"), role="publisher") == "cuda_ipc"
+    with pytest.raises(ConfigError, match="shm://"):
+        resolve(parse_endpoint("tcp://h:1"), SyncConfig(transport="cuda_ipc"), role="publisher")
+
+
+def test_cuda_ipc_without_a_device_says_so():
+    import torch
+
+    from hotweights_trainer.transports import create_publisher_transport, create_receiver_transport
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cfg = SyncConfig(transport="cuda_ipc")
+    for create in (create_publisher_transport, create_receiver_transport):
+        with pytest.raises(TransportUnavailableError, match="needs a CUDA device"):
+            create(parse_endpoint("shm://x"), cfg)
 
 
 def test_loopback_detection():

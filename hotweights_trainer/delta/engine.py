@@ -70,6 +70,10 @@ def make_publisher_delta(config: SyncConfig, transport: PublisherTransport, *, s
                          endpoint_label: str) -> Optional[PublisherDelta]:
     if config.delta == "off":
         return None
+    if not getattr(transport, "supports_delta", True):
+        log.info("the %s transport keeps buckets in device memory; delta sync encodes on the host, so versions "
+                 "are sent dense", transport.name)
+        return None
     if not transport.addressable:
         log.info("delta sync needs a transport that can address one receiver (for resyncs); %s cannot, "
                  "so versions are sent dense", transport.name)

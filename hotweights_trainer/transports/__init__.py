@@ -22,6 +22,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "torch": ("hotweights_trainer.transports.torchdist", "TorchPublisher", "TorchReceiver"),
     "mpi": ("hotweights_trainer.transports.mpi", "MpiPublisher", "MpiReceiver"),
     "ucx": ("hotweights_trainer.transports.ucx", "UcxPublisher", "UcxReceiver"),
+    "cuda_ipc": ("hotweights_trainer.transports.cuda_ipc", "CudaIpcPublisher", "CudaIpcReceiver"),
 }
 
 # Which endpoint schemes each transport accepts.
@@ -30,6 +31,7 @@ SCHEMES: dict[str, tuple[str, ...]] = {
     "torch": ("tcp",),
     "mpi": ("mpi",),
     "ucx": ("tcp",),
+    "cuda_ipc": ("shm",),
 }
 
 
@@ -44,7 +46,7 @@ def _resolve(endpoint: Endpoint, config: SyncConfig, *, role: str) -> tuple[str,
         from .select import auto_select, shm_endpoint_for
 
         name = auto_select(endpoint, config, role=role)
-        if name == "shm":
+        if name in ("shm", "cuda_ipc"):
             endpoint = shm_endpoint_for(endpoint)  # a loopback tcp:// endpoint means "this host"
     if name not in REGISTRY:
         raise TransportUnavailableError(

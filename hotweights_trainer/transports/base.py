@@ -14,7 +14,8 @@ transport gets the same guarantees for free. The lifecycle, and which side calls
    ``handler.on_connected()`` / ``on_message(msg)`` / ``on_bucket(...)`` / ``on_lost(reason)``.
 2. **Announce a version.** The publisher engine calls ``send(to, {"op": "begin", ...})``.
 3. **Move buckets.** For each bucket the publisher engine calls ``alloc(nbytes)`` to get a writable
-   buffer, packs the bucket into ``buf.mem`` and calls ``post(to, version, index, buf)``. ``post`` may
+   buffer, ``pack(buf, plan, ...)`` (by default: into ``buf.mem`` on the host; a transport that keeps
+   buckets in device memory packs there) and ``post(to, version, index, buf)``. ``post`` may
    return before the bytes have arrived (pipelining), but must respect the in-flight window and never
    block past ``config.timeout_s``. On the receiver, the transport calls
    ``handler.on_bucket(version, index, data)`` with the bucket bytes, in posting order per receiver
@@ -133,11 +134,20 @@ class PublisherTransport(abc.ABC):
     late_join: ClassVar[bool] = True
     pipelined: ClassVar[bool] = False
     survives_receiver_death: ClassVar[bool] = True
+    supports_delta: ClassVar[bool] = True
+    """Buckets are host bytes the delta encoder can fill; False where they live in device memory."""
     limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         self.endpoint = endpoint
         self.config = config
+
+    def pack(self, buf: BucketBuffer, plan: Any, *, version: int, index: int, session: int, flags: int = 0) -> int:
+        """Write bucket ``plan`` (a :class:`~hotweights_trainer.wire.packer.PlannedBucket`) into ``buf``;
+        returns its length. The default packs into ``buf.mem`` on the host."""
+        from ..wire.packer import pack_into
+
+        return pack_into(buf.mem, plan, version=version, index=index, session=session, flags=flags)
 
     @abc.abstractmethod
     def start(self, handler: PublisherHandler) -> None:

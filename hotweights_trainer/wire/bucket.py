@@ -7,7 +7,9 @@ Header prefix, 64 bytes::
     magic        4s   b"HWB1"
     fmt          u16  format version (1)
     flags        u16  bit 0 (FLAG_RESYNC): dense copies of ranges a receiver asked for (delta resync),
-                      not part of the version's bucket count; other bits 0
+                      not part of the version's bucket count; bit 1 (FLAG_DEVICE): the payload lives
+                      in device memory and ``payload_xxh3`` holds its device digest
+                      (hotweights_trainer/gpu/checksum.py) instead of xxh3; other bits 0
     header_len   u32  bytes of the whole header, a multiple of 64; the payload starts here
     n_entries    u32  entries in the table below
     version      u64  weight version this bucket belongs to
@@ -58,7 +60,8 @@ KNOWN_ENCODINGS = {ENC_DENSE, ENC_DELTA}
 """Entry encodings a receiver understands; other codecs register theirs here."""
 
 FLAG_RESYNC = 1
-KNOWN_FLAGS = FLAG_RESYNC
+FLAG_DEVICE = 2
+KNOWN_FLAGS = FLAG_RESYNC | FLAG_DEVICE
 
 _PREFIX = struct.Struct("<4sHHIIQIIQQQQ")
 _ENTRY = struct.Struct("<IIIIBBHIQQQQQ")
@@ -130,13 +133,14 @@ def layout_payload(entries: Sequence[Entry]) -> tuple[list[Entry], int]:
 
 
 def write_header(buf: memoryview, *, version: int, index: int, session: int,
-                 entries: Sequence[Entry], payload_len: int, flags: int = 0) -> int:
+                 entries: Sequence[Entry], payload_len: int, flags: int = 0, payload_inline: bool = True) -> int:
     """Write the header (without its checksums) at the start of ``buf``; returns its length.
 
-    Call :func:`seal` once the payload is in place.
+    Call :func:`seal` once the payload is in place. ``payload_inline=False``: the payload lives
+    elsewhere (device memory), ``buf`` only needs room for the header; seal with :func:`seal_header`.
     """
     hlen = header_size(entries)
-    if len(buf) < hlen + payload_len:
+    if len(buf) < hlen + (payload_len if payload_inline else 0):
         raise WireFormatError(f"bucket buffer of {len(buf)} bytes cannot hold {hlen + payload_len}")
     buf[:hlen] = bytes(hlen)  # deterministic header bytes even in a reused buffer
     cursor = _PREFIX.size + _ENTRY.size * len(entries)
@@ -165,6 +169,13 @@ def seal(buf: memoryview) -> None:
     struct.pack_into("<Q", buf, 56, _header_digest(buf, hlen))
 
 
+def seal_header(buf: memoryview, payload_digest: int) -> None:
+    """Store ``payload_digest`` (computed wherever the payload lives) and the header checksum."""
+    (_, _, _, hlen, *_rest) = _PREFIX.unpack_from(buf, 0)
+    struct.pack_into("<Q", buf, 40, payload_digest & 0xFFFFFFFFFFFFFFFF)
+    struct.pack_into("<Q", buf, 56, _header_digest(buf, hlen))
+
+
 def _header_digest(buf: memoryview, hlen: int) -> int:
     h = xxhash.xxh3_64()
     h.update(buf[:56])
@@ -172,11 +183,13 @@ def _header_digest(buf: memoryview, hlen: int) -> int:
     return h.intdigest()
 
 
-def decode_header(buf: memoryview, *, max_header_bytes: int = 64 << 20) -> BucketHeader:
+def decode_header(buf: memoryview, *, max_header_bytes: int = 64 << 20,
+                  payload_inline: bool = True) -> BucketHeader:
     """Parse and validate a bucket header from untrusted bytes.
 
     Raises :class:`WireFormatError` for anything malformed or truncated, and
-    :class:`CorruptBucketError` when the header checksum does not match.
+    :class:`CorruptBucketError` when the header checksum does not match. ``payload_inline=False``:
+    ``buf`` holds the header only (the caller checks the payload where it lives).
     """
     buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
     if len(buf) < _PREFIX.size:
@@ -193,7 +206,7 @@ def decode_header(buf: memoryview, *, max_header_bytes: int = 64 << 20) -> Bucke
         raise WireFormatError(f"bad header length {hlen} for {n} entries")
     if hlen > len(buf):
         raise WireFormatError(f"truncated bucket: header says {hlen} bytes, only {len(buf)} present")
-    if hlen + plen > len(buf):
+    if payload_inline and hlen + plen > len(buf):
         raise WireFormatError(
             f"truncated bucket: header+payload need {hlen + plen} bytes, only {len(buf)} present")
     if _header_digest(buf, hlen) != hxx:
@@ -238,5 +251,8 @@ def verify_payload(buf: memoryview, header: BucketHeader) -> None:
 def decode_bucket(buf: memoryview, *, max_header_bytes: int = 64 << 20) -> BucketHeader:
     """Header validation plus payload checksum: the full check a receiver runs before staging."""
     header = decode_header(buf, max_header_bytes=max_header_bytes)
+    if header.flags & FLAG_DEVICE:
+        raise WireFormatError(f"bucket {header.index} of version {header.version} is a device bucket "
+                              "(its payload is in GPU memory) but arrived over a host path")
     verify_payload(buf, header)
     return header

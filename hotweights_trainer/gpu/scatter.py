@@ -1,0 +1,182 @@
+"""Device-side copies: chunked over several CUDA streams, plus applying a staged device version.
+
+:class:`DeviceScatter` runs a list of byte copies (``dst`` and ``src`` are 1-D uint8 views) as the
+pieces :func:`.chunks.plan_pieces` gives it: each side stream first waits for the caller's current
+stream (so sources written there are complete), runs its pieces in order, and the current stream
+then waits for every side stream. With a :class:`~.checksum.DigestAccumulator`, each piece is
+digested on its stream right after it was copied, while it is still in the GPU's L2 cache, instead of
+in a second pass over memory. Small pieces on one stream go through one ``torch._foreach_copy_``
+(one launch for many tensors) where torch has it. On the CPU, or for copies that involve the host,
+pieces simply run one after another.
+
+The same class serves the CUDA-IPC receivers (pulling a bucket into a staged buffer;
+``HOTWEIGHTS_IPC_COPY_*``), and applying a staged device version into the model on every device
+path (``HOTWEIGHTS_IPC_COPY_*`` for CUDA IPC, ``HOTWEIGHTS_GPU_COPY_*`` for the broadcast path):
+:func:`apply_device`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..hostcopy import host_copy
+from .checksum import ROW_BYTES, DigestAccumulator
+from .chunks import aligned_chunk, plan_pieces
+from .topology import PathUsage, device_label
+
+log = logging.getLogger(__name__)
+
+SMALL_PIECE = 1 << 20
+"""Pieces below this many bytes are batched into one multi-tensor copy per stream."""
+
+
+class DeviceScatter:
+    """Chunked byte copies over ``streams`` CUDA streams (see the module docstring)."""
+
+    def __init__(self, chunk_bytes: int, streams: int, *, paths: Optional[PathUsage] = None, reason: str = ""):
+        if chunk_bytes < 1 or streams < 1:
+            raise ValueError(f"chunk_bytes and streams must be >= 1, got {chunk_bytes}, {streams}")
+        self.chunk_bytes = chunk_bytes
+        self.streams = streams
+        self.paths = paths
+        self.reason = reason
+        self._streams: dict[int, list[Any]] = {}
+        self.last_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return f"DeviceScatter(chunk={self.chunk_bytes >> 20} MiB, streams={self.streams})"
+
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+             digest: Optional[DigestAccumulator] = None, sync: bool = True) -> int:
+        """Copy every ``(dst, src)`` pair of 1-D uint8 views; returns the bytes copied.
+
+        ``digest``: digest the destination while copying (a single pair, the whole payload).
+        ``sync``: return only once the copies are complete (the caller may reuse the sources).
+        """
+        t0 = time.perf_counter()
+        sizes = []
+        for dst, src in pairs:
+            if dst.dtype != torch.uint8 or src.dtype != torch.uint8 or dst.dim() != 1 or src.dim() != 1:
+                raise ValueError("DeviceScatter copies 1-D uint8 views")
+            if dst.numel() != src.numel():
+                raise ValueError(f"copy size mismatch: dst {dst.numel()} bytes, src {src.numel()} bytes")
+            sizes.append(dst.numel())
+        chunk = self.chunk_bytes
+        if digest is not None:
+            if len(pairs) != 1:
+                raise ValueError("a digested copy takes exactly one (dst, src) pair")
+            chunk = aligned_chunk(chunk, ROW_BYTES)
+        cuda = [p for p in pairs if p[0].is_cuda or p[1].is_cuda]
+        pieces = plan_pieces(sizes, chunk, self.streams if cuda else 1)
+        if self.paths is not None:
+            per_path: dict[str, int] = {}
+            for p in pieces:
+                dst, src = pairs[p.task]
+                label = f"{device_label(src)}->{device_label(dst)}"
+                per_path[label] = per_path.get(label, 0) + 1
+            for label, n in per_path.items():
+                self.paths.record(label, n)
+        if not cuda:
+            for p in pieces:
+                dst, src = pairs[p.task]
+                d, s = dst[p.offset:p.offset + p.nbytes], src[p.offset:p.offset + p.nbytes]
+                host_copy(d, s)
+                if digest is not None:
+                    digest.add(d, p.offset)
+        else:
+            self._copy_cuda(pairs, pieces, digest, sync)
+        self.last_seconds = time.perf_counter() - t0
+        return sum(sizes)
+
+    def _side_streams(self, device: torch.device) -> list[Any]:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        streams = self._streams.get(index)
+        if streams is None:
+            streams = [torch.cuda.Stream(device=index) for _ in range(self.streams)]
+            self._streams[index] = streams
+        return streams
+
+    def _copy_cuda(self, pairs, pieces, digest, sync) -> None:  # pragma: no cover - needs a CUDA device
+        first_dst, first_src = pairs[pieces[0].task] if pieces else pairs[0]
+        device = first_dst.device if first_dst.is_cuda else first_src.device
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream()
+            streams = self._side_streams(device)
+            used = sorted({p.stream for p in pieces})
+            for i in used:
+                streams[i].wait_stream(current)
+            small: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for p in pieces:
+                dst, src = pairs[p.task]
+                d, s = dst[p.offset:p.offset + p.nbytes], src[p.offset:p.offset + p.nbytes]
+                if digest is None and p.nbytes < SMALL_PIECE and d.device == s.device:
+                    batch = small.setdefault(p.stream, ([], []))
+                    batch[0].append(d)
+                    batch[1].append(s)
+                    continue
+                with torch.cuda.stream(streams[p.stream]):
+                    d.copy_(s, non_blocking=True)
+                    if digest is not None:
+                        digest.add(d, p.offset)
+            foreach = getattr(torch, "_foreach_copy_", None)
+            for i, (ds, ss) in small.items():
+                with torch.cuda.stream(streams[i]):
+                    if foreach is not None:
+                        foreach(ds, ss, non_blocking=True)
+                    else:
+                        for d, s in zip(ds, ss):
+                            d.copy_(s, non_blocking=True)
+            for i in used:
+                current.wait_stream(streams[i])
+            if sync:
+                current.synchronize()
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def apply_device(staged: Any, resolve: Callable[[str], tuple[Optional[str], Any]]) -> int:
+    """Copy every entry of a complete version staged in device buckets into the model, in place.
+
+    One :class:`DeviceScatter` call for all contiguous targets (chunked over its streams); targets
+    that are not contiguous are assembled on the bucket's device first and copied once. Returns once
+    every copy is complete, so the staged buffers may be released right after. Returns bytes copied.
+    """
+    from .bucket import DeviceBucket
+
+    scatter: Optional[DeviceScatter] = None
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    deferred: dict[str, torch.Tensor] = {}
+    copied = 0
+    with torch.no_grad():
+        for header, data, e in staged.entries():
+            _, target = resolve(e.name)
+            if target is None or e.elem_count == 0:
+                continue
+            if isinstance(data, DeviceBucket) and scatter is None:
+                scatter = data.scatter
+            src = staged.entry_tensor(header, data, e)
+            dst = target.data
+            if dst.is_contiguous():
+                pairs.append((_byte_view(dst.view(-1)[e.elem_start:e.elem_start + e.elem_count]), _byte_view(src)))
+            else:
+                flat = deferred.setdefault(e.name, torch.empty(e.numel, dtype=e.dtype, device=src.device))
+                flat[e.elem_start:e.elem_start + e.elem_count].copy_(src)
+            copied += e.payload_nbytes
+        if scatter is None:
+            scatter = DeviceScatter(16 << 20, 1)
+        scatter.copy(pairs, sync=True)
+        for name, flat in deferred.items():
+            _, target = resolve(name)
+            target.data.copy_(flat.view(target.shape))
+        if deferred and any(t.is_cuda for t in deferred.values()):  # pragma: no cover - needs a CUDA device
+            torch.cuda.synchronize()
+    return copied
+
+
+__all__ = ["DeviceScatter", "apply_device", "SMALL_PIECE"]
