@@ -72,7 +72,19 @@ def _probe_shm() -> tuple[bool, str]:
     return True, "POSIX shared memory (/dev/shm)"
 
 
-PROBES = {"shm": _probe_shm, "torch": _probe_torch, "mpi": _probe_mpi, "ucx": _probe_ucx}
+def _probe_cuda_ipc() -> tuple[bool, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible (torch.cuda.is_available() is False)"
+    from ..gpu.topology import probe
+
+    topo = probe()
+    return True, f"{topo.devices} CUDA device(s); {topo.source}"
+
+
+PROBES = {"shm": _probe_shm, "torch": _probe_torch, "mpi": _probe_mpi, "ucx": _probe_ucx,
+          "cuda_ipc": _probe_cuda_ipc}
 
 
 def collect() -> dict[str, Any]:
