@@ -243,3 +243,23 @@ def test_capabilities_say_why():
     caps = cuda_ipc.CudaIpcPublisher
     assert caps.pipelined and caps.late_join and not caps.cross_host and not caps.zero_copy
     assert not caps.supports_delta and "delta" in caps.limits and "cross_host" in caps.limits
+
+
+def test_a_receiver_that_closes_releases_its_own_references(memory, tmp_path):
+    endpoint, spec_path = _endpoint(), write_spec(SMALL)
+    rx = _receiver_proc(str(tmp_path), endpoint, spec_path, until=1)
+    try:
+        assert rx.next(TIMEOUT)["ready"]
+        with WeightPublisher(endpoint, config=_config()) as pub:
+            pub.wait_for_receivers(1)
+            pub.publish(make_tensors(SMALL, 1))
+            assert _line_for(rx, 1)
+            assert rx.wait(TIMEOUT) == 0  # it closed (goodbye sent) and exited
+            deadline = time.monotonic() + cuda_ipc.ORPHAN_GRACE_S + 2
+            while pub.receivers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # a few sweeps
+            assert pub.transport._orphans == []
+        assert memory.released == []  # never released twice: the receiver did it
+    finally:
+        rx.kill()

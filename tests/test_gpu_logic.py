@@ -318,3 +318,14 @@ def test_math_of_row_weights_is_unsigned_64_bit():
     w = torch.bitwise_or(rows * _signed(_W_MUL) + _signed(_W_ADD), 1)
     assert [x % 2**64 for x in w.tolist()] == [row_weight(int(r)) for r in rows.tolist()]
     assert math.gcd(row_weight(5), 2) == 1
+
+
+def test_gpu_tests_skip_cleanly_without_a_device():
+    from tests.conftest import child_env, run_python
+
+    proc = run_python(["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_cuda_ipc_gpu.py",
+                       "tests/test_transport_conformance.py"],
+                      env=child_env(CUDA_VISIBLE_DEVICES=""), timeout=300, check=False)
+    tail = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "skipped" in tail and "failed" not in tail and "error" not in tail, tail

@@ -33,9 +33,12 @@ committed version's buffers, so the trainer's GPU holds up to two versions of bu
 no in-flight handle on it is pending -- every receiver acked it or its TTL passed. An expired
 handle frees its slot and is logged; the engine's own handle expiry makes the transport free the
 buffer for good (``discard``) rather than reuse it. Receivers drop their mappings when told
-(``tx/ipc_close``) or when they lose the publisher; a receiver that died cannot, so the publisher
-releases its IPC references when it sees the process is gone (checked for a grace period after the
-connection dropped), and parked buffers are collected: nothing leaks after a receiver dies.
+(``tx/ipc_close``), when they lose the publisher, and when they close (saying ``tx/ipc_bye`` first);
+each mapping's reference is then released by the receiver itself. A receiver that died cannot, so
+when a connection drops without a goodbye the publisher releases that receiver's IPC references once
+it sees the process is gone (checked for a grace period), and parked buffers are collected: nothing
+leaks after a receiver dies. Every reference is released exactly once -- by its receiver or, for a
+dead one, by the publisher -- because torch parks a buffer whose counter went below zero for good.
 
 Window and backpressure are the shared controller's (:mod:`.window`, ``HOTWEIGHTS_IPC_*``): ``post``
 waits (bounded by ``timeout_s``) while the window or byte cap is full, and the adaptive window
@@ -146,6 +149,7 @@ class CudaIpcPublisher(PublisherTransport):
         self._handles = HandleTable(config.handle_ttl)
         self._flights: dict[str, _Flight] = {}
         self._pids: dict[str, int] = {}
+        self._graceful: set[str] = set()
         self._orphans: list[tuple[float, int, list[dict[str, Any]]]] = []
         self._risk = CongestionRisk(config.ipc_target_bucket_ms)
         self._risk_gauge = metrics.IPC_CONGESTION_RISK.labels(str(endpoint), "cuda_ipc")
@@ -191,9 +195,10 @@ class CudaIpcPublisher(PublisherTransport):
             for buf in self._pool.clear():
                 buf.exports.clear()
                 buf.tensor = None
-            for _, _, exports in self._orphans:
-                for export in exports:
-                    self._memory.release_export(export)
+            for _, pid, exports in self._orphans:
+                if not _pid_alive(pid):  # a live receiver releases its own references
+                    for export in exports:
+                        self._memory.release_export(export)
             self._orphans.clear()
         self._memory.collect()
 
@@ -356,14 +361,20 @@ class CudaIpcPublisher(PublisherTransport):
             log.info("receiver %s could not copy %s", rid, key)
         self._settle_holder(key, rid)
 
+    def _on_bye(self, rid: str) -> None:
+        with self._lock:
+            self._graceful.add(rid)
+
     def _on_lost(self, rid: str) -> None:
         now = time.monotonic()
         with self._lock:
             pid = self._pids.pop(rid, None)
+            graceful = rid in self._graceful
+            self._graceful.discard(rid)
             released = self._handles.forget_holder(rid, now)
             flights = [self._flights.pop(h.key) for h in released if h.key in self._flights]
             exports = [buf.exports.pop(rid) for buf in self._pool.all.values() if rid in buf.exports]
-            if exports and pid is not None:
+            if exports and pid is not None and not graceful:
                 self._orphans.append((now + ORPHAN_GRACE_S, pid, exports))
         for f in flights:
             self._settle(f, moved=False)
@@ -424,6 +435,8 @@ class _PublisherHooks:
         if msg["op"] == "tx":
             if msg["kind"] == "ipc_ack":
                 self._tx._on_ack(rid, msg)
+            elif msg["kind"] == "ipc_bye":
+                self._tx._on_bye(rid)
             return
         self._defer(self._engine.on_message, rid, msg)
 
@@ -528,10 +541,14 @@ class CudaIpcReceiver(ReceiverTransport):
         self._client.send(msg)
 
     def close(self) -> None:
+        self._opened.clear()  # our references go first; the goodbye says we released them ourselves
         if self._client is not None:
+            try:
+                self._client.send({"op": "tx", "kind": "ipc_bye"})
+            except HotweightsError:
+                pass  # publisher already gone: nobody to tell
             self._client.close()
             self._client = None
-        self._opened.clear()
         self._staged.clear()
 
     @property

@@ -21,8 +21,11 @@ Layout:
   window and byte cap (:mod:`.window`) bound what is outstanding. Without it ``post`` returns
   when the bucket has been broadcast.
 - **Backends**: gloo on CPU, nccl on CUDA/ROCm, ccl on Intel XPU (:mod:`.torch_backends`); on a
-  device backend each chunk is staged through device memory. Anything unavailable falls back to
-  gloo, and the reason is logged.
+  device backend the root stages each chunk through device memory. Receivers of an nccl group
+  broadcast straight into a device buffer of theirs and keep the bucket there: it is verified with
+  xxh3 on a host copy (made chunk by chunk as it arrives) and applied on the GPU by the chunked,
+  multi-stream scatter of :mod:`hotweights_trainer.gpu.scatter` (``HOTWEIGHTS_GPU_COPY_*``). Anything
+  unavailable falls back to gloo, and the reason is logged.
 - **Autotune** (``HOTWEIGHTS_BCAST_AUTOTUNE=1``): when the first group forms, publisher and members
   broadcast ``HOTWEIGHTS_BCAST_AUTOTUNE_MB`` in each candidate chunk size; the publisher logs the
   table and keeps the fastest.
@@ -119,6 +122,12 @@ class _DeviceStager:
 
         self.device = device
         self.scratch = torch.empty(chunk, dtype=torch.uint8, device=device)
+
+    def receive_into(self, pg: Any, dev: Any, host: Any, length: int, chunk: int) -> None:  # pragma: no cover
+        """Receiver side: broadcast straight into ``dev`` and copy each chunk to ``host`` for verification."""
+        for off, size in tcp.chunks(length, chunk):
+            _broadcast(pg, dev[off:off + size]).wait()
+            host[off:off + size].copy_(dev[off:off + size])
 
     def run(self, pg: Any, host: Any, length: int, chunk: int, root: bool) -> None:  # pragma: no cover
         import torch
@@ -508,6 +517,8 @@ class TorchReceiver(ReceiverTransport):
         self._store_port: Optional[int] = None
         self._local_ip: Optional[str] = None
         self._backends = usable(local_backends())
+        self._device_pool: Any = None  # staged device buckets of nccl groups (gpu.pool.StagedPool)
+        self._gpu_scatter: Any = None
 
     def start(self, handler: ReceiverHandler, hello: Callable[[], dict[str, Any]]) -> None:
         self._delivery = OrderedDelivery(handler, timeout_s=self.config.timeout_s, name=f"torch-{self.endpoint.port}")
@@ -532,6 +543,8 @@ class TorchReceiver(ReceiverTransport):
     def send(self, msg: dict[str, Any]) -> None:
         if msg.get("op") == "release":
             self._pool.release(msg["version"])
+            if self._device_pool is not None:
+                self._device_pool.release(msg["version"])
         if self._client is None:
             raise PeerLostError("receiver transport not started")
         self._client.send(msg)
@@ -638,13 +651,45 @@ class TorchReceiver(ReceiverTransport):
                 pending.finish(exc)
         else:  # pragma: no cover - device backends
             pending = EventPending(1)
+            data = hbuf.mem[:length]
             try:
-                group.stager.run(group.pg, tensor, length, chunk, root=False)
+                if group.backend == "nccl":
+                    dev = self._device_buffer(version, length)
+                    group.stager.receive_into(group.pg, dev, tensor, length, chunk)
+                    data = self._device_bucket(dev, data)
+                else:
+                    group.stager.run(group.pg, tensor, length, chunk, root=False)
                 pending.finish()
             except Exception as exc:  # noqa: BLE001 - becomes the bucket's failure
                 pending.finish(exc)
+            hbuf.busy = lambda: not pending.done()
+            self._delivery.bucket(version, index, data, pending, on_abandon=lambda: self._pool.forget(hbuf))
+            return
         hbuf.busy = lambda: not pending.done()
         self._delivery.bucket(version, index, hbuf.mem[:length], pending, on_abandon=lambda: self._pool.forget(hbuf))
+
+    def _device_buffer(self, version: int, length: int) -> Any:  # pragma: no cover - needs a GPU
+        import torch
+
+        from ..gpu.pool import StagedPool
+
+        if self._device_pool is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+            self._device_pool = StagedPool(lambda n: torch.empty(n, dtype=torch.uint8, device=device),
+                                           self.config.bucket_bytes)
+        return self._device_pool.lend(version, length)[:length]
+
+    def _device_bucket(self, dev: Any, host: memoryview) -> Any:  # pragma: no cover - needs a GPU
+        from ..gpu import autotune
+        from ..gpu.bucket import DeviceBucket
+        from ..gpu.scatter import DeviceScatter
+        from ..gpu.topology import PathUsage
+
+        if self._gpu_scatter is None:
+            p = autotune.resolve(self.config, "gpu", link="same", device=dev.device)
+            self._gpu_scatter = DeviceScatter(p.chunk_bytes, p.streams, paths=PathUsage(str(self.endpoint)),
+                                              reason=p.reason)
+        return DeviceBucket(dev, host=host, scatter=self._gpu_scatter)
 
     def _failed_bucket(self, msg: dict[str, Any], error: Exception) -> None:
         assert self._delivery is not None
