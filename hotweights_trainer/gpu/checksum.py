@@ -18,7 +18,8 @@ Why this shape: step 2 is one reduction that reads the payload once at memory ba
 full pass; steps 3-4 touch one value per 4 KiB. Integer sums are exact and associative modulo 2^64,
 so any reduction order -- any GPU, any chunking, the CPU -- gives the same digest, and a payload can
 be digested in row-aligned chunks right after each chunk was written, while it is still in cache
-(:class:`DigestAccumulator`).
+(:class:`DigestAccumulator`): per chunk, one reduction into a vector of row sums; the weighting runs
+once per bucket.
 
 What it detects: any change to a single word (every bit flip), any change to a row's sum, rows moved
 or swapped (the weights differ per row), truncation or a wrong length, and a stale or overwritten
@@ -59,36 +60,22 @@ def row_weight(r: int) -> int:
     return ((r * _W_MUL + _W_ADD) & _MASK) | 1
 
 
-def _partial(chunk: torch.Tensor, first_row: int) -> torch.Tensor:
-    """sum_r s_r * w(first_row + r) mod 2^64 for a row-aligned uint8 chunk, as a 0-d int64 tensor.
-
-    Stays on the chunk's device and does not synchronise.
-    """
-    n = chunk.numel()
-    if n % 4:
-        raise ValueError(f"digest input must be a multiple of 4 bytes, got {n}")
-    words = chunk.view(torch.int32)
-    full = words.numel() // ROW_WORDS
-    sums = []
-    if full:
-        sums.append(words[:full * ROW_WORDS].view(full, ROW_WORDS).sum(dim=1, dtype=torch.int64))
-    if words.numel() > full * ROW_WORDS:
-        sums.append(words[full * ROW_WORDS:].sum(dtype=torch.int64).reshape(1))
-    if not sums:
-        return torch.zeros((), dtype=torch.int64, device=chunk.device)
-    s = sums[0] if len(sums) == 1 else torch.cat(sums)
-    rows = torch.arange(first_row, first_row + s.numel(), dtype=torch.int64, device=chunk.device)
+def _weighted_sum(sums: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """sum_r sums[r] * w(first_row + r) mod 2^64, as a 0-d int64 tensor on ``sums``' device."""
+    rows = torch.arange(first_row, first_row + sums.numel(), dtype=torch.int64, device=sums.device)
     # int64 arithmetic wraps modulo 2^64 on every torch backend; the bits equal the unsigned result.
     w = torch.bitwise_or(rows * _signed(_W_MUL) + _signed(_W_ADD), 1)
-    return (s * w).sum()
+    return (sums * w).sum()
 
 
 class DigestAccumulator:
     """Digest a payload chunk by chunk (each chunk starting on a 4 KiB row) without host syncs.
 
-    ``add`` only enqueues work on the current stream of the chunk's device; :meth:`value` syncs once.
-    Chunks may come in any order, and from several streams when the caller makes the final stream
-    wait for them (see :mod:`.scatter`); every byte must be added exactly once.
+    ``add`` enqueues one reduction on the current stream of the chunk's device: the row sums of the
+    chunk, written into this accumulator's row-sum vector (allocated on the caller's current stream
+    when the accumulator is made). Chunks may come in any order and from several streams when the
+    caller makes its stream wait for them (see :mod:`.scatter`); every byte must be added exactly
+    once. :meth:`value` weights the rows and synchronises once.
     """
 
     def __init__(self, length: int, device: torch.device | str = "cpu"):
@@ -96,29 +83,32 @@ class DigestAccumulator:
             raise ValueError(f"digest length must be a non-negative multiple of 4, got {length}")
         self.length = length
         self.device = torch.device(device)
-        self._parts: list[torch.Tensor] = []
+        self.rows = -(-length // ROW_BYTES)
+        self._sums = torch.empty(self.rows, dtype=torch.int64, device=self.device)
         self._added = 0
 
     def add(self, chunk: torch.Tensor, offset: int) -> None:
+        n = chunk.numel()
         if offset % ROW_BYTES:
             raise ValueError(f"digest chunks must start on a {ROW_BYTES}-byte row, got offset {offset}")
-        if offset + chunk.numel() > self.length:
-            raise ValueError(f"chunk [{offset}, +{chunk.numel()}) is beyond the {self.length}-byte payload")
-        if chunk.numel() % ROW_BYTES and offset + chunk.numel() != self.length:
+        if offset + n > self.length:
+            raise ValueError(f"chunk [{offset}, +{n}) is beyond the {self.length}-byte payload")
+        if n % ROW_BYTES and offset + n != self.length:
             raise ValueError("only the last chunk of a payload may end inside a row")
-        self._parts.append(_partial(chunk, offset // ROW_BYTES))
-        self._added += chunk.numel()
+        words = chunk.view(torch.int32)
+        r0, full = offset // ROW_BYTES, n // ROW_BYTES
+        if full:
+            torch.sum(words[:full * ROW_WORDS].view(full, ROW_WORDS), dim=1, dtype=torch.int64,
+                      out=self._sums[r0:r0 + full])
+        if n % ROW_BYTES:
+            torch.sum(words[full * ROW_WORDS:], dim=0, dtype=torch.int64, out=self._sums[r0 + full])
+        self._added += n
 
     def value(self) -> int:
         """The digest (synchronises with the device once)."""
         if self._added != self.length:
             raise ValueError(f"digest covers {self._added} of {self.length} bytes")
-        if not self._parts:
-            acc = 0
-        else:
-            total = self._parts[0] if len(self._parts) == 1 else torch.stack(
-                [p.to(self._parts[0].device) for p in self._parts]).sum()
-            acc = int(total.item()) & _MASK
+        acc = int(_weighted_sum(self._sums).item()) & _MASK if self.rows else 0
         return splitmix64(acc ^ self.length)
 
 
