@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -108,7 +109,8 @@ def _read(proc: subprocess.Popen, timeout: float) -> dict:
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"receiver exited ({proc.wait(5)}): {proc.stderr.read()[-3000:]}")
+            proc.errors.seek(0)
+            raise RuntimeError(f"receiver exited ({proc.wait(5)}): {proc.errors.read()[-3000:]}")
         if line.startswith("{"):
             return json.loads(line)
     raise TimeoutError("receiver said nothing in time")
@@ -136,7 +138,10 @@ def measure(size: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--role", "receiver", "--endpoint", endpoint, "--spec", json.dumps(spec),
            "--versions", str(versions), "--bucket-mb", str(args.bucket_mb), "--timeout", str(args.timeout)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    # stderr to a file: an undrained pipe would block a receiver that logs a lot
+    errors = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env, cwd=ROOT)
+    proc.errors = errors
     try:
         assert _read(proc, args.timeout)["ready"]
         cfg = SyncConfig(transport="cuda_ipc", bucket_mb=args.bucket_mb, timeout_s=args.timeout,

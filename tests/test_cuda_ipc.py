@@ -263,3 +263,70 @@ def test_a_receiver_that_closes_releases_its_own_references(memory, tmp_path):
         assert memory.released == []  # never released twice: the receiver did it
     finally:
         rx.kill()
+
+
+def test_slow_receivers_raise_the_congestion_risk_and_it_decays(memory, monkeypatch):
+    """Buckets slower than the target with a full window: the measured risk rises, then decays when idle."""
+    endpoint = _endpoint()
+    cfg = _config(ipc_inflight_buckets=1, ipc_target_bucket_ms=5.0)
+    pull = cuda_ipc.CudaIpcReceiver._copy_in
+
+    def slow_copy(self, msg, version):
+        time.sleep(0.03)  # a receiver taking ~6x the target per bucket
+        return pull(self, msg, version)
+
+    monkeypatch.setattr(cuda_ipc.CudaIpcReceiver, "_copy_in", slow_copy)
+    model = SpecModule(SMALL)
+    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=model, config=cfg) as rx:
+        pub.wait_for_receivers(1)
+        pub.publish(make_tensors(SMALL, 1))
+        rx.wait_for_version(1)
+        meter = pub.transport._meter
+        meter.refresh()
+        high = pub.transport.stats().extra["congestion_risk"]
+        assert high > 0.5
+        snap = metrics.snapshot()
+        assert snap[f'hotweights_ipc_congestion_risk{{endpoint="{endpoint}",transport="cuda_ipc"}}'] == \
+            pytest.approx(high, abs=0.2)
+        later = meter.risk.value(time.monotonic() + 4.0)  # two half-lives of nothing in flight
+        assert later == pytest.approx(high * 0.25, rel=0.3)
+
+
+def test_expired_engine_handles_free_buffers_for_good_and_receivers_unmap_them(memory, monkeypatch, caplog):
+    """A receiver that never releases its versions: their handles expire, the buffers are freed (not
+    reused) and the receiver is told to drop its mappings."""
+    caplog.set_level(logging.INFO, logger="hotweights_trainer.transports.cuda_ipc")
+    send = cuda_ipc.CudaIpcReceiver.send
+
+    def never_release(self, msg):
+        if msg.get("op") == "release":
+            self._staged.release(msg["version"])
+            return  # the publisher never hears it
+        send(self, msg)
+
+    monkeypatch.setattr(cuda_ipc.CudaIpcReceiver, "send", never_release)
+    endpoint = _endpoint()
+    cfg = _config(handle_ttl=0.5)
+    model = SpecModule(SMALL)
+    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=model, config=cfg) as rx:
+        pub.wait_for_receivers(1)
+        for v in (1, 2, 3):
+            tensors = make_tensors(SMALL, v)
+            pub.publish(tensors)
+            rx.wait_for_version(v)
+        first = {b.id for b in pub.transport._pool.all.values()}
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not any("freed expired" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        freed = first - {b.id for b in pub.transport._pool.all.values()}
+        assert freed  # versions 1 and 2 were never released: their buffers expired and went away
+        opened = set(rx._tx._opened)
+        deadline = time.monotonic() + TIMEOUT
+        while opened & freed and time.monotonic() < deadline:
+            time.sleep(0.05)
+            opened = set(rx._tx._opened)
+        assert not opened & freed  # the receiver dropped its mappings of them
+        pub.publish(make_tensors(SMALL, 4))  # still works, on fresh buffers
+        rx.wait_for_version(4)
+        assert weights_digest(model) == weights_digest(make_tensors(SMALL, 4))
+    assert memory.released == []  # a live receiver releases its own references

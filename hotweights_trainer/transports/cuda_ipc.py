@@ -59,16 +59,13 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
-from .. import metrics
 from ..config import SyncConfig
 from ..control.handles import HandleTable, sign_handle, verify_handle
-from ..errors import (EndpointError, HotweightsError, PeerLostError, TransportUnavailableError,
-                      WireFormatError)
+from ..errors import EndpointError, HotweightsError, PeerLostError, WireFormatError
 from ..gpu import autotune
 from ..gpu.bucket import DeviceBucket
 from ..gpu.checksum import ROW_BYTES, DigestAccumulator
 from ..gpu.chunks import aligned_chunk
-from ..gpu.congestion import CongestionRisk
 from ..gpu.memory import IpcMemory, default_memory
 from ..gpu.pool import DeviceBuffer, DevicePool, StagedPool
 from ..gpu.scatter import DeviceScatter
@@ -151,8 +148,6 @@ class CudaIpcPublisher(PublisherTransport):
         self._pids: dict[str, int] = {}
         self._graceful: set[str] = set()
         self._orphans: list[tuple[float, int, list[dict[str, Any]]]] = []
-        self._risk = CongestionRisk(config.ipc_target_bucket_ms)
-        self._risk_gauge = metrics.IPC_CONGESTION_RISK.labels(str(endpoint), "cuda_ipc")
         self._lock = threading.RLock()
         self._seq = 0
         self._server: Optional[ControlServer] = None
@@ -305,7 +300,6 @@ class CudaIpcPublisher(PublisherTransport):
     def stats(self) -> TransportStats:
         self._meter.refresh()
         s = self._meter.stats
-        s.extra["congestion_risk"] = self._risk.value(time.monotonic())
         s.extra["buffers_created"] = float(self._pool.created)
         s.extra["handles_expired"] = float(self._handles.expired)
         return s
@@ -320,23 +314,11 @@ class CudaIpcPublisher(PublisherTransport):
 
     def _settle(self, flight: _Flight, moved: bool = True) -> None:
         dt = time.perf_counter() - flight.t0
+        self._gate.release(flight.nbytes, dt)
         if moved:
             self._meter.moved(flight.nbytes, dt)
-        self._gate.release(flight.nbytes, dt)
-        self._update_risk()
-
-    def _update_risk(self) -> None:
-        now = time.monotonic()
-        snap = self._gate.snapshot()
-        if snap["inflight_buckets"] or snap["avg_bucket_ms"]:
-            risk = self._risk.update(now, avg_ms=snap["avg_bucket_ms"] or None,
-                                     inflight_bytes=int(snap["inflight_bytes"]),
-                                     byte_cap=self.config.ipc_inflight_bytes,
-                                     inflight_buckets=int(snap["inflight_buckets"]), window=int(snap["window"]))
         else:
-            risk = self._risk.value(now)
-        self._risk_gauge.set(risk)
-        self._meter.refresh()
+            self._meter.refresh()
 
     def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
         tx = hello.get("tx") if isinstance(hello.get("tx"), dict) else {}
@@ -404,7 +386,7 @@ class CudaIpcPublisher(PublisherTransport):
             log.info("released %d IPC reference(s) held by receiver process(es) that died", len(dead))
         if collect:
             self._memory.collect()
-        self._update_risk()
+        self._meter.refresh()
 
 
 class _PublisherHooks:

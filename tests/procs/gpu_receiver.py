@@ -12,8 +12,6 @@ import os
 import signal
 import sys
 
-import torch
-
 from hotweights_trainer import SyncConfig, WeightReceiver
 from hotweights_trainer.verify import weights_digest
 from tests.procs.common import SpecModule, load_spec
