@@ -216,19 +216,27 @@ class CudaIpcPublisher(PublisherTransport):
                             payload_len=plan.payload_len, flags=flags | FLAG_DEVICE, payload_inline=False)
         payload = dev.tensor[:plan.payload_len]
         digest = DigestAccumulator(plan.payload_len, payload.device)
+        chunk = self._digest_chunk
         done = 0
         for entry, src in zip(plan.entries, plan.sources):
             if entry.encoding != ENC_DENSE:
                 raise WireFormatError(f"tensor {entry.name!r}: the cuda_ipc transport sends dense entries only")
-            if entry.elem_count and entry.payload_nbytes:
-                dst = payload[entry.payload_off:entry.payload_off + entry.payload_nbytes].view(entry.dtype)
-                flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
-                _copy_into(dst, flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
-            # Digest every whole chunk behind the write position while it is still in cache.
-            end = (entry.payload_off + entry.payload_nbytes) // self._digest_chunk * self._digest_chunk
-            while done + self._digest_chunk <= end:
-                digest.add(payload[done:done + self._digest_chunk], done)
-                done += self._digest_chunk
+            if not (entry.elem_count and entry.payload_nbytes):
+                continue
+            flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
+            if not plan.presliced:
+                flat = flat[entry.elem_start:entry.elem_start + entry.elem_count]
+            itemsize = entry.payload_nbytes // entry.elem_count
+            first, pos, end = entry.payload_off, entry.payload_off, entry.payload_off + entry.payload_nbytes
+            while pos < end:
+                # Copy up to the next chunk boundary (64-aligned, so whole elements), then digest every
+                # chunk completed so far while it is still in the GPU's cache.
+                nxt = min(end, (pos // chunk + 1) * chunk)
+                _copy_into(payload[pos:nxt].view(entry.dtype), flat[(pos - first) // itemsize:(nxt - first) // itemsize])
+                pos = nxt
+                while done + chunk <= pos:
+                    digest.add(payload[done:done + chunk], done)
+                    done += chunk
         if done < plan.payload_len:
             digest.add(payload[done:], done)
         value = digest.value()  # the one synchronisation: every copy into the buffer is complete now
