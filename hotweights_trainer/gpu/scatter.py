@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..hostcopy import host_copy
 from .checksum import ROW_BYTES, DigestAccumulator
 from .chunks import aligned_chunk, plan_pieces
 from .topology import PathUsage, device_label
@@ -84,7 +83,7 @@ class DeviceScatter:
             for p in pieces:
                 dst, src = pairs[p.task]
                 d, s = dst[p.offset:p.offset + p.nbytes], src[p.offset:p.offset + p.nbytes]
-                host_copy(d, s)
+                d.copy_(s)  # torch's parallel copy: applying runs while the server waits (hostcopy.py)
                 if digest is not None:
                     digest.add(d, p.offset)
         else:

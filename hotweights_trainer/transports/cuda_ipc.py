@@ -70,7 +70,6 @@ from ..gpu.memory import IpcMemory, default_memory
 from ..gpu.pool import DeviceBuffer, DevicePool, StagedPool
 from ..gpu.scatter import DeviceScatter
 from ..gpu.topology import PathUsage, probe
-from ..hostcopy import host_copy
 from ..wire.bucket import ENC_DENSE, FLAG_DEVICE, seal_header, write_header
 from ..wire.packer import PlannedBucket
 from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,
@@ -99,10 +98,7 @@ def _check_endpoint(endpoint: Endpoint) -> None:
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.is_cuda or src.is_cuda:
-        dst.copy_(src, non_blocking=True)  # pinned host sources stay asynchronous
-    else:
-        host_copy(dst, src)
+    dst.copy_(src, non_blocking=dst.is_cuda or src.is_cuda)  # pinned host sources stay asynchronous
 
 
 def _sig_parts(endpoint: Endpoint, msg: dict[str, Any]) -> tuple:
