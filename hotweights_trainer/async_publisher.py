@@ -40,7 +40,7 @@ from . import metrics
 from .config import SyncConfig
 from .errors import ClosedError, HotweightsError, SyncTimeoutError
 from .publisher import PublishResult, WeightPublisher
-from .source import module_tensors, unwrap_model
+from .source import FLUSH, module_tensors, unwrap_model
 from .wire.packer import wire_tensor
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,8 @@ def _raw_items(source: Any) -> Iterable[tuple[str, torch.Tensor]]:
 
 def _checked(items: Iterable[Any]) -> Iterable[tuple[str, torch.Tensor]]:
     for item in items:
+        if item is FLUSH:
+            continue  # the snapshot copies each tensor as it reads it: a group may be released now
         try:
             name, tensor = item
         except (TypeError, ValueError):

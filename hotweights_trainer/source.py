@@ -3,6 +3,10 @@
 Accepted sources: an ``nn.Module`` (its state dict: parameters and persistent buffers, tied tensors
 sent once), a ``Mapping[str, Tensor]``, or any iterable of ``(name, tensor)`` pairs (which may be a
 generator, e.g. one that gathers ZeRO-3 shards group by group).
+
+A generator whose tensors stop being valid once it advances (a ZeRO-3 group is released before the
+next one is gathered) yields :data:`FLUSH` after each group: the packer then closes the bucket and
+copies it before asking for the next tensor.
 """
 
 from __future__ import annotations
@@ -13,6 +17,15 @@ import torch
 
 from .errors import HotweightsError
 from .naming import NameMap, map_name
+
+
+class _Flush:
+    def __repr__(self) -> str:
+        return "FLUSH"
+
+
+FLUSH = _Flush()
+"""Yielded by a source between groups: "copy everything I yielded so far before you advance me"."""
 
 
 def unwrap_model(model: Any) -> Any:
@@ -48,8 +61,13 @@ def module_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield name, t
 
 
-def iter_source(source: Any, name_map: NameMap = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Normalise ``source`` into ``(wire_name, tensor)`` pairs with wrapper prefixes stripped."""
+def iter_source(source: Any, name_map: NameMap = None, *,
+                flush_marks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Normalise ``source`` into ``(wire_name, tensor)`` pairs with wrapper prefixes stripped.
+
+    :data:`FLUSH` marks are passed on when ``flush_marks`` (the packer understands them) and dropped
+    otherwise.
+    """
     if isinstance(source, torch.nn.Module):
         items: Iterable = module_tensors(unwrap_model(source))
     elif isinstance(source, Mapping):
@@ -62,6 +80,11 @@ def iter_source(source: Any, name_map: NameMap = None) -> Iterator[tuple[str, to
         items = source
     names: set[str] = set()
     for item in items:
+        if item is FLUSH:
+            tensor = None  # noqa: F841 - our last reference into the group being released
+            if flush_marks:
+                yield item
+            continue
         try:
             name, tensor = item
         except (TypeError, ValueError):

@@ -1,18 +1,301 @@
 """Gather: what each rank contributes to a publish, whatever the sharding.
 
-``publish_source`` runs on every rank. For ordinary (replicated) models only the main rank returns
-the model; the other ranks return None and do nothing.
+``publish_source`` runs on every rank, at the same point of the training loop.
+
+* Replicated models (single process, DDP, DeepSpeed ZeRO-1/2, whose module holds full parameters):
+  the main rank returns the model, the other ranks return None and do nothing.
+* DeepSpeed ZeRO-3 (parameters carry ``ds_id`` / ``ds_numel``): no rank holds the whole model, so the
+  tensors are gathered in groups of about one bucket (``bucket_bytes``, counted with ``ds_numel``
+  because a partitioned parameter reports ``numel() == 0``). Every rank enters
+  ``deepspeed.zero.GatheredParameters(group, modifier_rank=None)`` for every group, in the same order,
+  because the gather is a collective. The main rank returns a :class:`ShardedSource` that the
+  publisher consumes lazily: it yields a group's full tensors, then :data:`~hotweights_trainer.source.FLUSH`,
+  so the packer copies them into a bucket before the group is released and the next one gathered.
+  The other ranks run the same gathers right away and return None.
+
+Extra memory on any rank is therefore one group (about ``bucket_bytes``; a single parameter larger
+than that is a group of its own), never the whole model. Call :func:`finish` after the publish,
+whether it succeeded or not: when the main rank stopped early (an error), it runs the gathers it
+skipped, so the other ranks, which are waiting in those collectives, are released.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
-from ..source import unwrap_model
+import torch
+
+from ..errors import HotweightsError, missing_dependency
+from ..source import FLUSH, unwrap_model
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, torch.Tensor]
+GatherFn = Callable[[Sequence[torch.Tensor]], ContextManager[Any]]
+"""Given one group's tensors, a context during which they hold their full data (every rank enters it)."""
+
+GATHER_HOOKS: list[Callable[["ShardedSource"], None]] = []
+"""Called with the source while each group is gathered (its peak-memory moment), on every rank.
+For measurements (peak memory, timing); a hook must not run collectives."""
+
+
+class ShardingMismatchError(HotweightsError, RuntimeError):
+    """Ranks disagree on how to gather a sharded model (different bucket size or model structure)."""
+
+
+# ---------------------------------------------------------------------------------------- ZeRO-3 tensors
+def is_zero3_param(t: Any) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (its local ``numel()`` is 0 outside a gather)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_numel")
+
+
+def full_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the full tensor, also for a partitioned ZeRO-3 parameter."""
+    numel = int(t.ds_numel) if is_zero3_param(t) else t.numel()
+    return numel * t.element_size()
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether any parameter of ``model`` is ZeRO-3 partitioned."""
+    model = unwrap_model(model)
+    return isinstance(model, torch.nn.Module) and any(is_zero3_param(p) for p in model.parameters())
+
+
+def sharded_items(module: torch.nn.Module) -> list[Item]:
+    """``(name, tensor)`` in state-dict order, each tensor once (tied weights keep their first name).
+
+    ZeRO-3 parameters are told apart by identity (their storage is empty while partitioned); other
+    tensors by storage, as for an unsharded model.
+    """
+    items: list[Item] = []
+    seen: set[Any] = set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if is_zero3_param(t):
+            key: Any = ("zero3", id(t))
+        elif t.numel():
+            key = (t.data_ptr(), t.storage_offset(), tuple(t.shape))
+        else:
+            key = ("empty", id(t))
+        if key in seen:
+            continue
+        seen.add(key)
+        items.append((name, t))
+    return items
+
+
+def plan_groups(items: Sequence[Item], group_bytes: int) -> list[list[Item]]:
+    """Split ``items`` into consecutive groups of at most ``group_bytes`` (full size).
+
+    A tensor larger than ``group_bytes`` forms a group of its own; the packer splits it across buckets.
+    """
+    if group_bytes < 1:
+        raise HotweightsError(f"group size must be >= 1 byte, got {group_bytes}")
+    groups: list[list[Item]] = []
+    current: list[Item] = []
+    used = 0
+    for name, t in items:
+        n = full_nbytes(t)
+        if current and used + n > group_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append((name, t))
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def plan_fingerprint(groups: Sequence[Sequence[Item]]) -> int:
+    """A 62-bit digest of the group plan (names, full shapes, dtypes, boundaries)."""
+    h = 0
+    for gi, group in enumerate(groups):
+        for name, t in group:
+            shape = tuple(t.ds_shape) if is_zero3_param(t) else tuple(t.shape)
+            h = zlib.crc32(f"{gi}|{name}|{shape}|{t.dtype};".encode(), h)
+    return (h << 30) ^ (len(groups) & ((1 << 30) - 1))
+
+
+def _collective_device() -> Optional[torch.device]:
+    """The device DeepSpeed runs its collectives on (cuda:N under NCCL, cpu under gloo)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return None
+    return torch.device(get_accelerator().current_device_name())
+
+
+def deepspeed_gather(tensors: Sequence[torch.Tensor]) -> ContextManager[Any]:
+    """``GatheredParameters`` over the group's ZeRO-3 parameters (a no-op when it has none)."""
+    params = [t for t in tensors if is_zero3_param(t)]
+    if not params:
+        return contextlib.nullcontext()
+    try:
+        import deepspeed
+    except ImportError as exc:  # pragma: no cover - ZeRO-3 parameters cannot exist without it
+        raise missing_dependency("deepspeed", "deepspeed") from exc
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@dataclass
+class GatherStats:
+    """What one sharded publish gathered, measured on this rank."""
+
+    groups: int = 0
+    gathered_groups: int = 0
+    seconds: float = 0.0
+    group_bytes_max: int = 0
+    """Largest group (full bytes of its ZeRO-3 parameters), i.e. the planned extra memory."""
+    live_bytes_high: int = 0
+    """Most bytes of ZeRO-3 parameters found gathered at once (checked inside every group)."""
+    drained_groups: int = 0
+    """Groups gathered by :meth:`ShardedSource.close` because the publish stopped early."""
+    per_group: list[float] = field(default_factory=list)
+
+
+def _live_gathered_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Full bytes of the partitioned parameters that currently hold their gathered data."""
+    return sum(p.numel() * p.element_size() for p in params if is_zero3_param(p) and p.numel()
+               and not getattr(p, "ds_persist", False))
+
+
+class ShardedSource:
+    """Full tensors of a ZeRO-3 model, gathered one bucket-sized group at a time.
+
+    Iterate it once (the publisher does); then call :meth:`close` (or use it as a context manager),
+    which on every rank leaves the sequence of collective gathers complete.
+    """
+
+    def __init__(self, groups: list[list[Item]], *, is_main: bool, gather: GatherFn = deepspeed_gather,
+                 all_params: Sequence[torch.Tensor] = ()):
+        self.groups = groups
+        self.is_main = is_main
+        self.stats = GatherStats(groups=len(groups),
+                                 group_bytes_max=max((sum(full_nbytes(t) for _, t in g if is_zero3_param(t))
+                                                      for g in groups), default=0))
+        self._gather = gather
+        self._all_params = [p for p in all_params if is_zero3_param(p)]
+        self._next = 0  # index of the next group not yet gathered
+        self._iterating: Optional[Iterator[Any]] = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterating is not None or self._closed:
+            raise HotweightsError("a ShardedSource can be iterated only once per publish")
+        self._iterating = self._iter()
+        return self._iterating
+
+    def _enter(self, group: list[Item]) -> ContextManager[Any]:
+        return self._gather([t for _, t in group])
+
+    def _iter(self) -> Iterator[Any]:
+        while self._next < len(self.groups):
+            group = self.groups[self._next]
+            self._next += 1
+            t0 = time.perf_counter()
+            with self._enter(group):
+                self._account(t0)
+                for name, t in group:
+                    yield name, t.detach()
+                yield FLUSH
+                del name, t
+            self.stats.seconds += time.perf_counter() - t0
+
+    def _account(self, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.stats.per_group.append(dt)
+        self.stats.gathered_groups += 1
+        if self._all_params:
+            self.stats.live_bytes_high = max(self.stats.live_bytes_high,
+                                             _live_gathered_bytes(self._all_params))
+        for hook in GATHER_HOOKS:
+            hook(self)
+
+    def drain(self) -> None:
+        """Enter and leave every gather not yet done (what the ranks that don't send do)."""
+        while self._next < len(self.groups):
+            group = self.groups[self._next]
+            self._next += 1
+            t0 = time.perf_counter()
+            with self._enter(group):
+                self._account(t0)
+            self.stats.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Release the group in progress and run the gathers a stopped publish skipped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._iterating is not None:
+            self._iterating.close()  # leaves the open GatheredParameters context, if any
+        if self._next < len(self.groups):
+            skipped = len(self.groups) - self._next
+            if self.is_main:
+                log.warning("publish stopped after %d of %d gather groups; running the other %d so every "
+                            "rank leaves the collective gathers together", self._next, len(self.groups),
+                            skipped)
+            self.drain()
+            self.stats.drained_groups += skipped
+
+    def __enter__(self) -> "ShardedSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- entry points
+def check_same_plan(groups: Sequence[Sequence[Item]], device: Optional[torch.device] = None) -> None:
+    """Raise :class:`ShardingMismatchError` unless every rank planned the same groups.
+
+    Two tiny all-reduces (max of the fingerprint and of its negation) instead of a hang or a garbled
+    gather when ranks were started with different bucket sizes or models.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    fp = plan_fingerprint(groups)
+    t = torch.tensor([fp, -fp], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != fp or int(t[1]) != -fp:
+        raise ShardingMismatchError(
+            f"rank {dist.get_rank()}: ranks planned different ZeRO-3 gather groups ({len(groups)} groups "
+            "here); every rank must use the same model and the same HOTWEIGHTS_BUCKET_MB")
+
+
+def sharded_source(model: torch.nn.Module, *, is_main: bool, bucket_bytes: int,
+                   gather: GatherFn = deepspeed_gather, check: bool = True) -> ShardedSource:
+    """A :class:`ShardedSource` over ``model``'s tensors in groups of at most ``bucket_bytes``."""
+    model = unwrap_model(model)
+    groups = plan_groups(sharded_items(model), bucket_bytes)
+    if check:
+        check_same_plan(groups, _collective_device())
+    return ShardedSource(groups, is_main=is_main, gather=gather, all_params=list(model.parameters()))
 
 
 def publish_source(model: Any, *, is_main: bool, bucket_bytes: int) -> Optional[Iterable]:
+    """What this rank hands to ``WeightPublisher.publish``: the model, a :class:`ShardedSource`, or None.
+
+    Runs on every rank. On ranks that don't send, ZeRO-3 gathers are run here and None is returned.
+    """
     model = unwrap_model(model)
-    if not is_main:
-        return None
-    return model
+    if not is_sharded(model):
+        return model if is_main else None
+    source = sharded_source(model, is_main=is_main, bucket_bytes=bucket_bytes)
+    if is_main:
+        return source
+    source.close()
+    return None
+
+
+def finish(source: Any) -> None:
+    """Call after publishing ``source`` (success or failure); completes a stopped sharded gather."""
+    if isinstance(source, ShardedSource):
+        source.close()

@@ -28,6 +28,7 @@ from ..config import SyncConfig
 from ..errors import ConfigError, HotweightsError, missing_dependency
 from ..async_publisher import AsyncPublisher
 from ..publisher import PublishResult, WeightPublisher
+from .gather import finish
 
 try:
     from transformers import TrainerCallback
@@ -115,6 +116,7 @@ class HotweightsCallback(TrainerCallback):
         if self.config.async_publish:
             self._push_async(model, state, step, final)
             return
+        source = None
         try:
             source = self.tensors(model, state)
             if source is None:
@@ -126,6 +128,8 @@ class HotweightsCallback(TrainerCallback):
                 raise
             log.warning("weight push at step %d failed (on_error=warn, training continues): %s", step, exc)
             return
+        finally:
+            finish(source)  # a ZeRO-3 gather stopped by an error still completes on every rank
         self._record(result)
 
     def _push_async(self, model: Any, state: Any, step: int, final: bool) -> None:
@@ -133,9 +137,12 @@ class HotweightsCallback(TrainerCallback):
             source = self.tensors(model, state)
             if source is None:
                 return
-            if self.async_publisher is None:
-                self.async_publisher = AsyncPublisher(self._ensure_publisher(), config=self.config)
-            self.async_publisher.submit(source, step=step, force=final)
+            try:
+                if self.async_publisher is None:
+                    self.async_publisher = AsyncPublisher(self._ensure_publisher(), config=self.config)
+                self.async_publisher.submit(source, step=step, force=final)  # snapshots (gathers) now
+            finally:
+                finish(source)  # a ZeRO-3 gather stopped by an error still completes on every rank
 
         self._guard(step, submit)
         self._collect_async()

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from ..source import FLUSH
 from .bucket import ALIGN, ENC_DENSE, Entry, header_size, layout_payload, seal, write_header
 from .dtypes import dtype_code, itemsize
 
@@ -42,7 +43,12 @@ def wire_tensor(t: torch.Tensor, send_dtype: Optional[torch.dtype]) -> tuple[tor
 
 def plan_buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
                  send_dtype: Optional[torch.dtype] = None) -> Iterator[PlannedBucket]:
-    """Group tensors into buckets; tensors larger than a bucket are split across buckets."""
+    """Group tensors into buckets; tensors larger than a bucket are split across buckets.
+
+    The consumer packs each bucket before it asks for the next one. On a :data:`FLUSH` mark the
+    bucket being filled is yielded at once (even when not full), so it is packed before the source
+    advances and releases the tensors it holds; afterwards the planner drops its references to them.
+    """
     entries: list[Entry] = []
     sources: list[torch.Tensor] = []
     used = 0
@@ -51,7 +57,16 @@ def plan_buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         laid, plen = layout_payload(entries)
         return PlannedBucket(laid, list(sources), header_size(laid), plen)
 
-    for name, tensor in items:
+    for item in items:
+        if item is FLUSH:
+            tensor = src = None  # noqa: F841 - our last reference into the group being released
+            if entries:
+                plan = flush()
+                entries, sources, used = [], [], 0
+                yield plan
+                plan.sources.clear()  # packed; don't keep a released group's memory alive
+            continue
+        name, tensor = item
         src, dtype = wire_tensor(tensor, send_dtype)
         shape = tuple(src.shape)
         numel = src.numel()
