@@ -128,6 +128,10 @@ class NotLeaderError(CoordinatorError):
         super().__init__(message)
 
 
+class ShardingMismatchError(HotweightsError, RuntimeError):
+    """Ranks disagree on how to gather a sharded model (different bucket size or model structure)."""
+
+
 def missing_dependency(module: str, extra: str, package: str | None = None) -> ImportError:
     """Build the ImportError raised when an optional dependency is absent.
 

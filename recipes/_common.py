@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
-MODEL_CONFIG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+MODEL_CONFIG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
+                    eos_token_id=0)
 
 
 def build_model(seed: int = 0):

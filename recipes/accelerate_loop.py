@@ -54,9 +54,9 @@ def main() -> int:
     model = build_model(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     world = accelerator.num_processes
-    loader = torch.utils.data.DataLoader(
-        [{k: v[0] for k, v in b.items()} for b in make_batches(args.steps * args.grad_accum * args.micro_batch * world, 1)],
-        batch_size=args.micro_batch)
+    samples = make_batches(args.steps * args.grad_accum * args.micro_batch * world, 1)
+    loader = torch.utils.data.DataLoader([{k: v[0] for k, v in b.items()} for b in samples],
+                                         batch_size=args.micro_batch)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     workdir = Path(tempfile.mkdtemp(prefix="hotweights-recipe-"))
@@ -65,7 +65,8 @@ def main() -> int:
         endpoint = endpoint or default_endpoint()
         receiver = start_receiver(endpoint, workdir / "final.json", args.timeout)
     cfg = SyncConfig.from_env(timeout_s=min(args.timeout, 60.0))
-    sync = AccelerateSync(accelerator, endpoint or "shm://unused-off-rank-0", every_n_steps=args.every_n, config=cfg)
+    sync = AccelerateSync(accelerator, endpoint or "shm://unused-off-rank-0", every_n_steps=args.every_n,
+                          config=cfg)
     sync.wait_for_receivers(1, timeout=args.timeout)  # rank 0 only
     if args.wrap_optimizer:
         optimizer = sync.wrap_optimizer(optimizer, model)
@@ -83,14 +84,15 @@ def main() -> int:
         micro_steps += 1
     sync.push_final(model)  # the last weights, unless that step was already pushed
 
-    digests = final_digests(accelerator.unwrap_model(model))  # every rank (ZeRO-3 gathers are collective)
+    digests = final_digests(accelerator.unwrap_model(model))  # every rank: ZeRO-3 gathers are collective
     status = 0
     if rank() == 0:
         last = sync.last_result
         summary = {"micro_steps": micro_steps, "optimizer_steps": sync.optimizer_steps,
                    "pushes": len(sync.results), "pushed_steps": [r.step for r in sync.results],
                    "versions": [r.version for r in sync.results],
-                   "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                   "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized()
+                   else 1,
                    "accelerate_num_processes": world,
                    "sharded": is_sharded(accelerator.unwrap_model(model)),
                    "deepspeed": accelerator.state.deepspeed_plugin is not None}

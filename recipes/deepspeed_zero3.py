@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank, shutdown_distributed,
-                     start_receiver, wait_receiver, write_expectation)
+from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank,
+                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
 
 
 def load_ds_config(path: Path, micro_batch: int, grad_accum: int, stage: int | None) -> dict:
@@ -93,7 +93,8 @@ def main() -> int:
         last = sync.last_result
         summary = {"micro_steps": micro_steps, "optimizer_steps": sync.optimizer_steps,
                    "global_steps": engine.global_steps, "pushes": len(sync.results),
-                   "pushed_steps": [r.step for r in sync.results], "versions": [r.version for r in sync.results],
+                   "pushed_steps": [r.step for r in sync.results],
+                   "versions": [r.version for r in sync.results],
                    "sharded": is_sharded(engine.module), "zero_stage": engine.zero_optimization_stage(),
                    "world_size": world}
         print(f"trainer: {json.dumps(summary)}", flush=True)

@@ -51,8 +51,8 @@ def main() -> int:
                 print(f"receiver: MISMATCH with the trainer's final weights in {len(bad)} tensor(s): "
                       f"{', '.join(bad[:10])}", flush=True)
                 return 1
-            print(f"receiver: bit-exact with the trainer's final weights (version {rx.version}, step {rx.step}, "
-                  f"digest {combined_digest(final['digests'])})", flush=True)
+            print(f"receiver: bit-exact with the trainer's final weights (version {rx.version}, "
+                  f"step {rx.step}, digest {combined_digest(final['digests'])})", flush=True)
             return 0
     print(f"receiver: the trainer's final version did not arrive within {args.timeout:.0f}s "
           f"(live version {rx.version})", flush=True)

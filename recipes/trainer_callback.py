@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank, shutdown_distributed,
-                     start_receiver, wait_receiver, write_expectation)
+from _common import (build_model, default_endpoint, final_digests, make_batches, rank,
+                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--every-n", type=int, default=1, help="push every N optimizer steps")
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (launch with torchrun/deepspeed)")
+    ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (launch with torchrun)")
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -86,7 +86,8 @@ def main() -> int:
     if rank() == 0:
         last = sync.last_result
         summary = {"optimizer_steps": trainer.state.global_step, "pushes": len(sync.results),
-                   "pushed_steps": [r.step for r in sync.results], "versions": [r.version for r in sync.results],
+                   "pushed_steps": [r.step for r in sync.results],
+                   "versions": [r.version for r in sync.results],
                    "last_push_ms": round(last.seconds * 1e3, 2), "bytes": last.bytes_sent,
                    "sharded": is_sharded(trainer.model), "deepspeed": bool(args.deepspeed),
                    "world_size": targs.world_size}

@@ -103,7 +103,8 @@ def test_every_group_is_packed_before_it_is_released(endpoint, bucket_kib):
             got[name] = t.clone()
 
     cfg = SyncConfig(bucket_mb=1, timeout_s=20)
-    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, apply=apply, config=cfg) as rx:
+    with WeightPublisher(endpoint, config=cfg) as pub, \
+            WeightReceiver(endpoint, apply=apply, config=cfg) as rx:
         pub.wait_for_receivers(1, timeout=20)
         # Groups much smaller than the 1 MiB bucket: without FLUSH several would share a bucket
         # that is packed only after they were released.

@@ -43,7 +43,12 @@ class AccelerateSync(StepPusher):
         except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
             raise missing_dependency("accelerate", "hf") from exc
         if not isinstance(accelerator, Accelerator):
-            raise HotweightsError(f"AccelerateSync needs an accelerate.Accelerator, got {type(accelerator).__name__}")
+            raise HotweightsError(
+                f"AccelerateSync needs an accelerate.Accelerator, got {type(accelerator).__name__}")
+        if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
+            # FSDP shards parameters differently from ZeRO-3 and has no gather here yet: sending the
+            # local shards would only end in a manifest mismatch on every receiver.
+            raise HotweightsError("AccelerateSync does not support FSDP yet; use DeepSpeed ZeRO-3 or DDP")
         self.accelerator = accelerator
         super().__init__(endpoint, every_n_steps=every_n_steps, config=config)
         self.skipped_steps = 0

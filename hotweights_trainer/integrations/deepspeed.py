@@ -89,5 +89,5 @@ class DeepSpeedSync(StepPusher):
 
 def attach(engine: Any, endpoint: str, every_n_steps: int = 1,
            config: Optional[SyncConfig] = None) -> DeepSpeedSync:
-    """Hook ``engine.step()`` so weights are pushed to ``endpoint`` every ``every_n_steps`` optimizer steps."""
+    """Hook ``engine.step()``: push weights to ``endpoint`` every ``every_n_steps`` optimizer steps."""
     return DeepSpeedSync(engine, endpoint, every_n_steps=every_n_steps, config=config)

@@ -30,7 +30,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, 
 
 import torch
 
-from ..errors import HotweightsError, missing_dependency
+from ..errors import HotweightsError, ShardingMismatchError, missing_dependency
 from ..source import FLUSH, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ GatherFn = Callable[[Sequence[torch.Tensor]], ContextManager[Any]]
 GATHER_HOOKS: list[Callable[["ShardedSource"], None]] = []
 """Called with the source while each group is gathered (its peak-memory moment), on every rank.
 For measurements (peak memory, timing); a hook must not run collectives."""
-
-
-class ShardingMismatchError(HotweightsError, RuntimeError):
-    """Ranks disagree on how to gather a sharded model (different bucket size or model structure)."""
 
 
 # ---------------------------------------------------------------------------------------- ZeRO-3 tensors

@@ -51,7 +51,8 @@ def trainer(args: argparse.Namespace) -> int:
     rank = torch.distributed.get_rank()
     model = make_model(args.layers, args.width, seed=0)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "steps_per_print": 10**6,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                       config=ds_config)
@@ -90,7 +91,8 @@ def trainer(args: argparse.Namespace) -> int:
     result = {"rank": rank, "model_bytes": model_bytes, "bucket_bytes": cfg.bucket_bytes,
               "ours_extra": ours.extra_bytes, "everything_extra": everything.extra_bytes,
               "live_bytes_high": stats.live_bytes_high, "group_bytes_max": stats.group_bytes_max,
-              "groups": stats.groups, "pushes": len(sync.results), "sharded": gather.is_sharded(engine.module)}
+              "groups": stats.groups, "pushes": len(sync.results),
+              "sharded": gather.is_sharded(engine.module)}
     if rank == 0:
         got = [rx.next(args.timeout) for _ in range(3)]
         result["receiver_versions"] = [g.get("version") for g in got]

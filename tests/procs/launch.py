@@ -1,0 +1,47 @@
+"""Run launcher command lines (torchrun, deepspeed, accelerate launch) the way a user types them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, child_env
+
+
+def tool(name: str) -> str:
+    """The console script ``name`` of this interpreter's environment (where pip put it)."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise AssertionError(f"launcher {name!r} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def launch(cmd: list[str], *, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root with a deadline; fail with the output's tail if it fails."""
+    environ = child_env(**env)
+    environ["PATH"] = str(Path(sys.executable).parent) + ":" + environ.get("PATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def trainer_summary(stdout: str) -> dict[str, Any]:
+    """The ``trainer: {json}`` line a recipe prints on rank 0."""
+    lines = [line for line in stdout.splitlines() if line.startswith("trainer: {")]
+    assert len(lines) == 1, f"expected one trainer summary line, got {len(lines)}:\n{stdout[-3000:]}"
+    return json.loads(lines[0][len("trainer: "):])
+
+
+def results(stdout: str) -> list[dict[str, Any]]:
+    """``RESULT {json}`` lines, one per rank, sorted by rank."""
+    rows = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT {")]
+    return sorted(rows, key=lambda r: r["rank"])
