@@ -146,13 +146,15 @@ class GatherStats:
     groups: int = 0
     gathered_groups: int = 0
     seconds: float = 0.0
+    """From entering the first gather to leaving the last, the consumer's packing included."""
     group_bytes_max: int = 0
     """Largest group (full bytes of its ZeRO-3 parameters), i.e. the planned extra memory."""
     live_bytes_high: int = 0
     """Most bytes of ZeRO-3 parameters found gathered at once (checked inside every group)."""
     drained_groups: int = 0
     """Groups gathered by :meth:`ShardedSource.close` because the publish stopped early."""
-    per_group: list[float] = field(default_factory=list)
+    gather_seconds: list[float] = field(default_factory=list)
+    """Per group: how long entering the gather (the collective itself) took."""
 
 
 def _live_gathered_bytes(params: Iterable[torch.Tensor]) -> int:
@@ -205,7 +207,7 @@ class ShardedSource:
 
     def _account(self, t0: float) -> None:
         dt = time.perf_counter() - t0
-        self.stats.per_group.append(dt)
+        self.stats.gather_seconds.append(dt)
         self.stats.gathered_groups += 1
         if self._all_params:
             self.stats.live_bytes_high = max(self.stats.live_bytes_high,
