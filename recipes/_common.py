@@ -38,6 +38,12 @@ def make_batches(n: int, batch_size: int, seq_len: int = 32, seed: int = 0) -> l
     return out
 
 
+def say(line: str) -> None:
+    """Print one line in a single write: the trainer and the inference process share a terminal."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def rank() -> int:
     import torch.distributed as dist
 

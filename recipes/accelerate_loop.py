@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank, shutdown_distributed,
-                     start_receiver, wait_receiver, write_expectation)
+from _common import (build_model, default_endpoint, final_digests, make_batches, rank, say,
+                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
 
 
 def main() -> int:
@@ -96,7 +96,7 @@ def main() -> int:
                    "accelerate_num_processes": world,
                    "sharded": is_sharded(accelerator.unwrap_model(model)),
                    "deepspeed": accelerator.state.deepspeed_plugin is not None}
-        print(f"trainer: {json.dumps(summary)}", flush=True)
+        say(f"trainer: {json.dumps(summary)}")
         write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
         status = wait_receiver(receiver, args.timeout)
     sync.close()

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank,
+from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank, say,
                      shutdown_distributed, start_receiver, wait_receiver, write_expectation)
 
 
@@ -97,7 +97,7 @@ def main() -> int:
                    "versions": [r.version for r in sync.results],
                    "sharded": is_sharded(engine.module), "zero_stage": engine.zero_optimization_stage(),
                    "world_size": world}
-        print(f"trainer: {json.dumps(summary)}", flush=True)
+        say(f"trainer: {json.dumps(summary)}")
         write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
         status = wait_receiver(receiver, args.timeout)
     sync.close()

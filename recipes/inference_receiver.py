@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import build_model
+from _common import build_model, say
 
 from hotweights_trainer import PeerLostError, SyncConfig, SyncTimeoutError, WeightReceiver
 from hotweights_trainer.verify import combined_digest, diff_digests, weights_digest
@@ -37,8 +37,8 @@ def main() -> int:
         while time.monotonic() < deadline:
             try:
                 version = rx.wait_for_version(rx.version + 1, timeout=0.5)
-                print(f"receiver: applied version {version} (trainer step {rx.step}, "
-                      f"{rx.last_apply_seconds * 1e3:.2f} ms pause)", flush=True)
+                say(f"receiver: applied version {version} (trainer step {rx.step}, "
+                      f"{rx.last_apply_seconds * 1e3:.2f} ms pause)")
             except (SyncTimeoutError, PeerLostError):
                 pass  # nothing new yet, or the trainer already finished; look for the final fingerprint
             if not args.expect.exists():
@@ -48,14 +48,14 @@ def main() -> int:
                 continue
             bad = diff_digests(final["digests"], weights_digest(model))
             if bad:
-                print(f"receiver: MISMATCH with the trainer's final weights in {len(bad)} tensor(s): "
-                      f"{', '.join(bad[:10])}", flush=True)
+                say(f"receiver: MISMATCH with the trainer's final weights in {len(bad)} tensor(s): "
+                      f"{', '.join(bad[:10])}")
                 return 1
-            print(f"receiver: bit-exact with the trainer's final weights (version {rx.version}, "
-                  f"step {rx.step}, digest {combined_digest(final['digests'])})", flush=True)
+            say(f"receiver: bit-exact with the trainer's final weights (version {rx.version}, "
+                  f"step {rx.step}, digest {combined_digest(final['digests'])})")
             return 0
-    print(f"receiver: the trainer's final version did not arrive within {args.timeout:.0f}s "
-          f"(live version {rx.version})", flush=True)
+    say(f"receiver: the trainer's final version did not arrive within {args.timeout:.0f}s "
+          f"(live version {rx.version})")
     return 2
 
 

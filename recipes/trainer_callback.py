@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank,
+from _common import (build_model, default_endpoint, final_digests, make_batches, rank, say,
                      shutdown_distributed, start_receiver, wait_receiver, write_expectation)
 
 
@@ -91,7 +91,7 @@ def main() -> int:
                    "last_push_ms": round(last.seconds * 1e3, 2), "bytes": last.bytes_sent,
                    "sharded": is_sharded(trainer.model), "deepspeed": bool(args.deepspeed),
                    "world_size": targs.world_size}
-        print(f"trainer: {json.dumps(summary)}", flush=True)
+        say(f"trainer: {json.dumps(summary)}")
         write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
         status = wait_receiver(receiver, args.timeout)
     sync.close()

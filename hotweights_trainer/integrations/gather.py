@@ -14,7 +14,8 @@
   The other ranks run the same gathers right away and return None.
 
 Extra memory on any rank is therefore one group (about ``bucket_bytes``; a single parameter larger
-than that is a group of its own), never the whole model. Call :func:`finish` after the publish,
+than that is a group of its own), never the whole model -- plus, under gloo, the backend's staging
+copy of the parameter being all-gathered, so about two buckets measured on CPU. Call :func:`finish` after the publish,
 whether it succeeded or not: when the main rank stopped early (an error), it runs the gathers it
 skipped, so the other ranks, which are waiting in those collectives, are released.
 """

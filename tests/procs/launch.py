@@ -35,10 +35,16 @@ def launch(cmd: list[str], *, timeout: float = 300, **env: str) -> subprocess.Co
 
 
 def trainer_summary(stdout: str) -> dict[str, Any]:
-    """The ``trainer: {json}`` line a recipe prints on rank 0."""
-    lines = [line for line in stdout.splitlines() if line.startswith("trainer: {")]
-    assert len(lines) == 1, f"expected one trainer summary line, got {len(lines)}:\n{stdout[-3000:]}"
-    return json.loads(lines[0][len("trainer: "):])
+    """The ``trainer: {json}`` a recipe prints on rank 0.
+
+    The inference process shares rank 0's stdout, so its lines may directly follow the JSON.
+    """
+    marker = "trainer: {"
+    count = stdout.count(marker)
+    assert count == 1, f"expected one trainer summary, got {count}:\n{stdout[-3000:]}"
+    start = stdout.index(marker) + len(marker) - 1
+    summary, _ = json.JSONDecoder().raw_decode(stdout, start)
+    return summary
 
 
 def results(stdout: str) -> list[dict[str, Any]]:
