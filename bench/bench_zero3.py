@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1200)
-    ap.add_argument("--quick", action="store_true", help="smoke-sized run: checks the script, not the machine")
+    ap.add_argument("--quick", action="store_true", help="smoke-sized run: checks the script only")
     args, _ = ap.parse_known_args()
     if args.quick:  # passed on to the workers through argv, which parse it again
         args.n_layer, args.n_embd, args.rounds = 2, 64, 1
