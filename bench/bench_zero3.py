@@ -20,8 +20,9 @@ sampler and of probes inside each gather, per rank -- with ``MALLOC_MMAP_THRESHO
 freed tensors leave RSS at once. That setting also makes every gather touch fresh pages (about 0.6
 GB/s here), so times come from a second pass with the default allocator.
 
-Physical floor, measured in the same run: one ``memcpy`` of the model's bytes. Receiver weights are
-checked bit-exact after every approach.
+Sends are dense (``delta="off"``): every round pushes the same weights, which delta sync would
+reduce to almost nothing. Physical floor, measured in the same run: one ``memcpy`` of the model's
+bytes. Receiver weights are checked bit-exact after every approach.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def worker(args: argparse.Namespace) -> int:
     module = engine.module
 
     buckets = [int(x) for x in args.bucket_mb.split(",")]
-    cfg = SyncConfig(bucket_mb=max(buckets), timeout_s=120)
+    # Dense sends for every approach: the same weights are pushed each round, which delta sync would
+    # reduce to nothing; what differs between the approaches is the gathering.
+    cfg = SyncConfig(bucket_mb=max(buckets), timeout_s=120, delta="off")
     pub = rx = None
     if rank == 0:
         # One publisher for every approach; each sets the bucket size it runs with on pub.config.
