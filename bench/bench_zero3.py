@@ -200,11 +200,12 @@ def worker(args: argparse.Namespace) -> int:
         rx.stdin.close()
         rx.wait(60)
         pub.close()
-    print("RESULT " + json.dumps({
+    sys.stdout.write("RESULT " + json.dumps({
         "rank": rank, "model_bytes": model_bytes, "n_params": n_params, "largest_bytes": largest,
         "memcpy_s": memcpy_s,
         "seconds": samples, "extra": extra,
-        "bit_exact": {k: v == truth for k, v in exact.items()} if rank == 0 else None}), flush=True)
+        "bit_exact": {k: v == truth for k, v in exact.items()} if rank == 0 else None}) + "\n")
+    sys.stdout.flush()  # one write per record: both ranks share the launcher's stdout
     dist.barrier()
     dist.destroy_process_group()
     return 0
@@ -226,8 +227,12 @@ def run_pass(args: argparse.Namespace, argv: list[str], **extra_env: str) -> lis
            str(free_port()), __file__, "--worker", "--endpoint", f"shm://bench-z3-{uuid.uuid4().hex[:8]}",
            *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=ROOT)
-    rows = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
-                  key=lambda r: r["rank"])
+    decoder, rows, pos = json.JSONDecoder(), [], proc.stdout.find("RESULT {")
+    while pos >= 0:  # records may be followed by the other rank's output on the same line
+        record, end = decoder.raw_decode(proc.stdout, pos + len("RESULT "))
+        rows.append(record)
+        pos = proc.stdout.find("RESULT {", end)
+    rows.sort(key=lambda r: r["rank"])
     if proc.returncode != 0 or len(rows) != 2:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-8000:])
         raise SystemExit(1)

@@ -122,6 +122,29 @@ def test_every_group_is_packed_before_it_is_released(endpoint, bucket_kib, delta
         assert torch.equal(got[name], t), name  # a NaN here means a byte was packed after release
 
 
+def test_async_snapshot_of_a_sharded_source_is_taken_before_release(endpoint):
+    from hotweights_trainer.async_publisher import AsyncPublisher
+
+    items = named([700, 1500, 90, 5000, 30, 800], seed=5)
+    expected = {n: t.clone() for n, t in items}
+    got: dict[str, torch.Tensor] = {}
+    cfg = SyncConfig(timeout_s=20, async_publish=True)
+    with WeightPublisher(endpoint, config=cfg) as pub, \
+            WeightReceiver(endpoint, apply=lambda pairs: got.update((n, t.clone()) for n, t in pairs),
+                           config=cfg) as rx:
+        pub.wait_for_receivers(1, timeout=20)
+        apub = AsyncPublisher(pub)
+        src, gather = scrambling_source(items, 8 * KIB)
+        try:
+            assert apub.submit(src, step=3)
+        finally:
+            finish(src)
+        apub.close()
+        rx.wait_for_version(1, timeout=20)
+    assert len(gather.entered) == gather.exited == len(src.groups) > 1
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+
+
 def test_close_runs_the_gathers_a_failed_publish_skipped(endpoint):
     items = named([2000] * 4, seed=3)
     items.insert(2, ("bad", torch.zeros(3, dtype=torch.float8_e4m3fnuz)))  # no wire dtype: fails mid-way

@@ -48,6 +48,17 @@ def trainer_summary(stdout: str) -> dict[str, Any]:
 
 
 def results(stdout: str) -> list[dict[str, Any]]:
-    """``RESULT {json}`` lines, one per rank, sorted by rank."""
-    rows = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT {")]
-    return sorted(rows, key=lambda r: r["rank"])
+    """``RESULT {json}`` records, one per rank, sorted by rank (the ranks share the launcher's stdout,
+    so a record may be followed by another process's output on the same line)."""
+    return sorted(json_records(stdout, "RESULT "), key=lambda r: r["rank"])
+
+
+def json_records(text: str, marker: str) -> list[dict[str, Any]]:
+    """Every JSON object that directly follows ``marker`` in ``text``."""
+    decoder = json.JSONDecoder()
+    out, pos = [], text.find(marker + "{")
+    while pos >= 0:
+        record, end = decoder.raw_decode(text, pos + len(marker))
+        out.append(record)
+        pos = text.find(marker + "{", end)
+    return out

@@ -100,7 +100,8 @@ def trainer(args: argparse.Namespace) -> int:
         result["receiver_versions"] = [g.get("version") for g in got]
         result["bit_exact"] = all(g.get("digest") == expected for g in got)
         rx.wait(args.timeout)
-    print("RESULT " + json.dumps(result), flush=True)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: both ranks share stdout
+    sys.stdout.flush()
     sync.close()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
