@@ -253,9 +253,8 @@ class WeightPublisher:
         manifest = ManifestBuilder()
         nbytes = 0
         t_pack = 0.0
-        # FLUSH marks (a ZeRO-3 group ends) matter to the dense planner, which keeps references until it
-        # packs; the delta encoder copies every range into its snapshot as it reads it.
-        gather = _Timed(iter_source(source, self.name_map, flush_marks=self._delta is None))
+        # FLUSH marks where a ZeRO-3 group ends: both planners pack what they hold before reading on.
+        gather = _Timed(iter_source(source, self.name_map, flush_marks=True))
         delta = DeltaStats() if self._delta is not None else None
         try:
             planner = (self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None

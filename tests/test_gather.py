@@ -90,7 +90,7 @@ def test_iter_source_passes_flush_only_to_the_packer():
 
 @pytest.mark.parametrize("bucket_kib,delta", [(4, "off"), (16, "off"), (64, "off"), (16, "auto")])
 def test_every_group_is_packed_before_it_is_released(endpoint, bucket_kib, delta):
-    """Dense sends rely on FLUSH; delta sends snapshot each range as they read it. Both must hold."""
+    """Both planners, dense and delta, close the bucket at FLUSH and pack it before reading on."""
     # Mixed sizes, including a tensor larger than a bucket (split) and groups smaller than a bucket.
     items = named([700, 1500, 90, 5000, 30, 30, 800, 1200, 10], seed=1)
     items += named([3000, 64], dtype=torch.bfloat16, seed=2)
@@ -115,11 +115,32 @@ def test_every_group_is_packed_before_it_is_released(endpoint, bucket_kib, delta
         rx.wait_for_version(1, timeout=20)
     assert gather.exited == len(src.groups) == src.stats.gathered_groups
     assert src.stats.drained_groups == 0
-    if delta == "off":
-        assert result.buckets == len(src.groups) + 2  # a bucket per group, plus two for the split tensor
+    assert result.buckets == len(src.groups) + 2  # a bucket per group, plus two for the split tensor
     assert set(got) == set(expected)
     for name, t in expected.items():
         assert torch.equal(got[name], t), name  # a NaN here means a byte was packed after release
+
+
+def test_delta_ranges_sent_straight_from_the_source_are_packed_before_release(endpoint):
+    # delta="auto": a large range whose elements all changed is sent dense, and the versions after
+    # that read it straight from the source (no snapshot) -- so FLUSH must close the bucket there too.
+    got: dict[str, torch.Tensor] = {}
+    cfg = SyncConfig(bucket_mb=1, timeout_s=20, delta="auto")
+    with WeightPublisher(endpoint, config=cfg) as pub, \
+            WeightReceiver(endpoint, apply=lambda pairs: got.update((n, t.clone()) for n, t in pairs),
+                           config=cfg) as rx:
+        pub.wait_for_receivers(1, timeout=20)
+        for version in (1, 2, 3):
+            items = named([70_000, 100, 70_000, 70_000, 30], seed=10 + version)  # every element changes
+            expected = {n: t.clone() for n, t in items}
+            src, gather = scrambling_source(items, 300 * KIB)
+            try:
+                result = pub.publish(src, step=version)
+            finally:
+                finish(src)
+            rx.wait_for_version(version, timeout=20)
+            assert all(torch.equal(got[n], t) for n, t in expected.items()), version
+            assert len(src.groups) == 3 and result.buckets == 3
 
 
 def test_async_snapshot_of_a_sharded_source_is_taken_before_release(endpoint):

@@ -38,6 +38,7 @@ import xxhash
 
 from ..config import SyncConfig
 from ..hostcopy import host_copy
+from ..source import FLUSH
 from ..wire import delta as codec
 from ..wire.bucket import ENC_DELTA, Entry, align, header_size, layout_payload
 from ..wire.dtypes import itemsize
@@ -145,11 +146,25 @@ class DeltaEncoder:
     # ---------------------------------------------------------------- one version
     def plan(self, items: Iterable[tuple[str, torch.Tensor]], version: int, *, allow_delta: bool,
              stats: DeltaStats) -> Iterator[PlannedBucket]:
-        """Buckets of ``version``: every range snapshotted, then encoded as delta or dense."""
+        """Buckets of ``version``: every range snapshotted, then encoded as delta or dense.
+
+        On a :data:`~hotweights_trainer.source.FLUSH` mark the bucket being filled is yielded at once:
+        ranges sent straight from the source must be packed before it advances (a ZeRO-3 group is then
+        released).
+        """
         entries: list[Entry] = []
         sources: list[torch.Tensor] = []
         used = 0
-        for name, tensor in items:
+        for item in items:
+            if item is FLUSH:
+                tensor = src = flat = source = None  # noqa: F841 - our last references into the group
+                if entries:
+                    plan = _planned(entries, sources)
+                    entries, sources, used = [], [], 0
+                    yield plan
+                    plan.sources.clear()  # packed
+                continue
+            name, tensor = item
             src, dtype = wire_tensor(tensor, self.send_dtype)
             flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
             shape = tuple(src.shape)
