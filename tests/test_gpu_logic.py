@@ -63,6 +63,20 @@ def test_digest_detects_bit_flips_row_swaps_and_length():
     assert all(row_weight(r) % 2 == 1 for r in range(100))
 
 
+def test_digest_row_sums_wrap_and_still_see_every_extreme_word_change():
+    # Rows of int32 extremes overflow 32 bits many times over; the wrapped sums must still agree with
+    # the definition and move with any single changed word, even one swung from max to min.
+    words = torch.full((4 * ROW_BYTES // 4,), 2**31 - 1, dtype=torch.int32)
+    words[ROW_BYTES // 4:2 * ROW_BYTES // 4] = -2**31
+    data = words.numpy().tobytes()
+    base = payload_digest(_bytes_tensor(data))
+    assert base == reference_digest(data)
+    for index, value in ((0, -2**31), (ROW_BYTES // 4 + 3, 2**31 - 1), (len(words) - 1, 0)):
+        changed = words.clone()
+        changed[index] = value
+        assert payload_digest(_bytes_tensor(changed.numpy().tobytes())) != base, index
+
+
 def test_digest_rejects_misuse():
     acc = DigestAccumulator(2 * ROW_BYTES)
     with pytest.raises(ValueError, match="row"):
