@@ -58,9 +58,4 @@ def stream_loads(pieces: Sequence[Piece], streams: int) -> list[int]:
     return loads
 
 
-def aligned_chunk(chunk_bytes: int, align: int) -> int:
-    """``chunk_bytes`` rounded down to a multiple of ``align`` (at least one ``align``)."""
-    return max(chunk_bytes // align, 1) * align
-
-
-__all__ = ["Piece", "plan_pieces", "stream_loads", "aligned_chunk"]
+__all__ = ["Piece", "plan_pieces", "stream_loads"]

@@ -3,9 +3,10 @@
 :class:`DeviceScatter` runs a list of byte copies (``dst`` and ``src`` are 1-D uint8 views) as the
 pieces :func:`.chunks.plan_pieces` gives it: each side stream first waits for the caller's current
 stream (so sources written there are complete), runs its pieces in order, and the current stream
-then waits for every side stream. With a :class:`~.checksum.DigestAccumulator`, each piece is
-digested on its stream right after it was copied, while it is still in the GPU's L2 cache, instead of
-in a second pass over memory. Small pieces on one stream go through one ``torch._foreach_copy_``
+then waits for every side stream. With a :class:`~.checksum.DigestAccumulator`, the destination is
+digested in one pass on the current stream once every piece is copied (digesting each piece right
+behind its copy, while it is in cache, cost more in launches and Python than the second read:
+bench/bench_device_copy.py). Small pieces on one stream go through one ``torch._foreach_copy_``
 (one launch for many tensors) where torch has it. On the CPU, or for copies that involve the host,
 pieces simply run one after another.
 
@@ -23,8 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .checksum import ROW_BYTES, DigestAccumulator
-from .chunks import aligned_chunk, plan_pieces
+from .checksum import DigestAccumulator
+from .chunks import plan_pieces
 from .topology import PathUsage, device_label
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class DeviceScatter:
              digest: Optional[DigestAccumulator] = None, sync: bool = True) -> int:
         """Copy every ``(dst, src)`` pair of 1-D uint8 views; returns the bytes copied.
 
-        ``digest``: digest the destination while copying (a single pair, the whole payload).
+        ``digest``: digest the destination once it is copied (a single pair, the whole payload).
         ``sync``: return only once the copies are complete (the caller may reuse the sources).
         """
         t0 = time.perf_counter()
@@ -65,10 +66,8 @@ class DeviceScatter:
                 raise ValueError(f"copy size mismatch: dst {dst.numel()} bytes, src {src.numel()} bytes")
             sizes.append(dst.numel())
         chunk = self.chunk_bytes
-        if digest is not None:
-            if len(pairs) != 1:
-                raise ValueError("a digested copy takes exactly one (dst, src) pair")
-            chunk = aligned_chunk(chunk, ROW_BYTES)
+        if digest is not None and len(pairs) != 1:
+            raise ValueError("a digested copy takes exactly one (dst, src) pair")
         cuda = [p for p in pairs if p[0].is_cuda or p[1].is_cuda]
         pieces = plan_pieces(sizes, chunk, self.streams if cuda else 1)
         if self.paths is not None:
@@ -84,8 +83,8 @@ class DeviceScatter:
                 dst, src = pairs[p.task]
                 d, s = dst[p.offset:p.offset + p.nbytes], src[p.offset:p.offset + p.nbytes]
                 d.copy_(s)  # torch's parallel copy: applying runs while the server waits (hostcopy.py)
-                if digest is not None:
-                    digest.add(d, p.offset)
+            if digest is not None:
+                digest.add(pairs[0][0], 0)
         else:
             self._copy_cuda(pairs, pieces, digest, sync)
         self.last_seconds = time.perf_counter() - t0
@@ -112,15 +111,13 @@ class DeviceScatter:
             for p in pieces:
                 dst, src = pairs[p.task]
                 d, s = dst[p.offset:p.offset + p.nbytes], src[p.offset:p.offset + p.nbytes]
-                if digest is None and p.nbytes < SMALL_PIECE and d.device == s.device:
+                if p.nbytes < SMALL_PIECE and d.device == s.device:
                     batch = small.setdefault(p.stream, ([], []))
                     batch[0].append(d)
                     batch[1].append(s)
                     continue
                 with torch.cuda.stream(streams[p.stream]):
                     d.copy_(s, non_blocking=True)
-                    if digest is not None:
-                        digest.add(d, p.offset)
             foreach = getattr(torch, "_foreach_copy_", None)
             for i, (ds, ss) in small.items():
                 with torch.cuda.stream(streams[i]):
@@ -131,6 +128,8 @@ class DeviceScatter:
                             d.copy_(s, non_blocking=True)
             for i in used:
                 current.wait_stream(streams[i])
+            if digest is not None:
+                digest.add(pairs[0][0], 0)
             if sync:
                 current.synchronize()
 

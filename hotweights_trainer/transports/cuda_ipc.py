@@ -5,9 +5,9 @@ Data path, per bucket:
 1. **Pack** (publisher): :meth:`CudaIpcPublisher.pack` writes the header into host bytes and copies
    every tensor slice straight into a reused device buffer -- from GPU tensors, or from CPU and
    pinned memory for offloaded trainers (a host-to-device copy; with ``send_dtype`` the cast happens
-   in the same copy). Each chunk of ``HOTWEIGHTS_IPC_COPY_CHUNK_MB`` is digested
-   (:mod:`hotweights_trainer.gpu.checksum`) right behind the copies, while it is still in cache; the
-   digest goes into the header (``FLAG_DEVICE``) and is the one synchronisation per bucket.
+   in the same copy), one copy per tensor slice. The bucket is then digested in one pass
+   (:mod:`hotweights_trainer.gpu.checksum`) queued behind the copies; the digest goes into the header
+   (``FLAG_DEVICE``) and reading it is the one synchronisation per bucket.
 2. **Post**: the buffer is exported once per receiver with torch's CUDA IPC
    (:mod:`hotweights_trainer.gpu.memory`) and announced in a ``tx/ipc_bucket`` control message: the
    export (handle bytes as hex), the header (hex) and a key. Nothing is pickled; with
@@ -16,7 +16,7 @@ Data path, per bucket:
    to, its TTL is ``HOTWEIGHTS_HANDLE_TTL``.
 3. **Pull** (receiver): the receiver opens the export (once per buffer; the mapping is reused for
    later versions), copies the payload device to device into its *own* staged buffer in chunks over
-   ``HOTWEIGHTS_IPC_COPY_STREAMS`` streams, digests its copy on the fly, synchronises and acks the
+   ``HOTWEIGHTS_IPC_COPY_STREAMS`` streams, digests its copy in one pass, synchronises and acks the
    key. The ack ends that receiver's hold; the last ack releases the handle and frees its slot of
    the in-flight window. The engine then verifies the header and compares the digests; the version
    goes through the usual two-phase commit, and applying it is a device-side scatter
@@ -64,8 +64,7 @@ from ..control.handles import HandleTable, sign_handle, verify_handle
 from ..errors import EndpointError, HotweightsError, PeerLostError, WireFormatError
 from ..gpu import autotune
 from ..gpu.bucket import DeviceBucket
-from ..gpu.checksum import ROW_BYTES, DigestAccumulator
-from ..gpu.chunks import aligned_chunk
+from ..gpu.checksum import DigestAccumulator
 from ..gpu.memory import IpcMemory, default_memory
 from ..gpu.pool import DeviceBuffer, DevicePool, StagedPool
 from ..gpu.scatter import DeviceScatter
@@ -150,7 +149,6 @@ class CudaIpcPublisher(PublisherTransport):
         self._hooks: Optional[_PublisherHooks] = None
         self._closed = False
         self._collect = False
-        self._digest_chunk = aligned_chunk(config.ipc_copy_chunk_mb << 20, ROW_BYTES)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, handler: PublisherHandler) -> None:
@@ -211,9 +209,6 @@ class CudaIpcPublisher(PublisherTransport):
         hlen = write_header(memoryview(header), version=version, index=index, session=session, entries=plan.entries,
                             payload_len=plan.payload_len, flags=flags | FLAG_DEVICE, payload_inline=False)
         payload = dev.tensor[:plan.payload_len]
-        digest = DigestAccumulator(plan.payload_len, payload.device)
-        chunk = self._digest_chunk
-        done = 0
         for entry, src in zip(plan.entries, plan.sources):
             if entry.encoding != ENC_DENSE:
                 raise WireFormatError(f"tensor {entry.name!r}: the cuda_ipc transport sends dense entries only")
@@ -222,19 +217,12 @@ class CudaIpcPublisher(PublisherTransport):
             flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
             if not plan.presliced:
                 flat = flat[entry.elem_start:entry.elem_start + entry.elem_count]
-            itemsize = entry.payload_nbytes // entry.elem_count
-            first, pos, end = entry.payload_off, entry.payload_off, entry.payload_off + entry.payload_nbytes
-            while pos < end:
-                # Copy up to the next chunk boundary (64-aligned, so whole elements), then digest every
-                # chunk completed so far while it is still in the GPU's cache.
-                nxt = min(end, (pos // chunk + 1) * chunk)
-                _copy_into(payload[pos:nxt].view(entry.dtype), flat[(pos - first) // itemsize:(nxt - first) // itemsize])
-                pos = nxt
-                while done + chunk <= pos:
-                    digest.add(payload[done:done + chunk], done)
-                    done += chunk
-        if done < plan.payload_len:
-            digest.add(payload[done:], done)
+            _copy_into(payload[entry.payload_off:entry.payload_off + entry.payload_nbytes].view(entry.dtype), flat)
+        # One digest pass after the copies, queued behind them on the same stream: per-chunk digests
+        # cost more in launches and Python than re-reading the bucket (bench/bench_device_copy.py).
+        digest = DigestAccumulator(plan.payload_len, payload.device)
+        if plan.payload_len:
+            digest.add(payload, 0)
         value = digest.value()  # the one synchronisation: every copy into the buffer is complete now
         seal_header(memoryview(header), value)
         dev.header = bytes(header)

@@ -1,0 +1,161 @@
+"""Device copy strategies of the GPU data path, against one ``copy_`` of the same bytes, in one process.
+
+    python bench/bench_device_copy.py                  # 256 MiB bucket, 4 GiB model, on the GPU
+    python bench/bench_device_copy.py --device cpu --bucket-mb 64 --model-mb 512   # the same on the CPU
+
+Two questions the cuda_ipc transport and the device apply depend on:
+
+* **Digest a bucket piece by piece right behind its copies (in cache), or in one pass after them?**
+  Rows: the copy in ``--chunk-mb`` pieces over ``--streams`` streams with a digest per piece (the
+  earlier design), the same copies then one digest of the bucket (what ``DeviceScatter`` does now),
+  and one whole ``copy_`` then one digest.
+* **How much does chunking cost when applying a version?** ``--model-mb`` of bf16 in 64 MiB tensors,
+  copied from staged buffers into the model: one ``copy_`` per tensor, ``DeviceScatter`` with
+  ``--chunk-mb`` pieces, and one ``torch._foreach_copy_`` of every tensor.
+
+Each row is the best of ``--reps`` after a warm-up, timed with a full synchronisation around it, so
+the Python that queues the work counts (it is what the transport pays). ``vs copy_`` is the row's
+bandwidth over one ``copy_`` of the same bytes in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hotweights_trainer.gpu.checksum import DigestAccumulator  # noqa: E402
+from hotweights_trainer.gpu.chunks import plan_pieces  # noqa: E402
+from hotweights_trainer.gpu.scatter import DeviceScatter  # noqa: E402
+
+MIB = 1 << 20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, reps: int, device: torch.device) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _digest_per_piece(dst: torch.Tensor, src: torch.Tensor, chunk: int, streams: int) -> int:
+    """The earlier design: each piece digested on its stream right after its copy."""
+    acc = DigestAccumulator(dst.numel(), dst.device)
+    pieces = plan_pieces([dst.numel()], chunk, streams if dst.is_cuda else 1)
+    if not dst.is_cuda:
+        for p in pieces:
+            dst[p.offset:p.offset + p.nbytes].copy_(src[p.offset:p.offset + p.nbytes])
+            acc.add(dst[p.offset:p.offset + p.nbytes], p.offset)
+        return acc.value()
+    current = torch.cuda.current_stream()
+    side = _digest_per_piece.streams = getattr(_digest_per_piece, "streams", None) or [
+        torch.cuda.Stream() for _ in range(streams)]
+    for s in side:
+        s.wait_stream(current)
+    for p in pieces:
+        with torch.cuda.stream(side[p.stream]):
+            d = dst[p.offset:p.offset + p.nbytes]
+            d.copy_(src[p.offset:p.offset + p.nbytes], non_blocking=True)
+            acc.add(d, p.offset)
+    for s in side:
+        current.wait_stream(s)
+    return acc.value()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--model-mb", type=int, default=4096)
+    ap.add_argument("--chunk-mb", type=int, default=16, help="HOTWEIGHTS_IPC_COPY_CHUNK_MB's default")
+    ap.add_argument("--streams", type=int, default=2, help="HOTWEIGHTS_IPC_COPY_STREAMS's default")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_device_copy: no CUDA device here; pass --device cpu to run it on the CPU")
+        return 0
+    chunk = args.chunk_mb * MIB
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; torch {torch.__version__}; chunk {args.chunk_mb} MiB, {args.streams} streams, "
+          f"best of {args.reps}\n")
+    rows = []
+
+    n = args.bucket_mb * MIB
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ref = _best(lambda: dst.copy_(src), args.reps, device)
+    scatter = DeviceScatter(chunk, args.streams)
+
+    def chunked_then_digest() -> int:
+        acc = DigestAccumulator(n, device)
+        scatter.copy([(dst, src)], digest=acc, sync=False)
+        return acc.value()
+
+    def whole_then_digest() -> int:
+        dst.copy_(src)
+        acc = DigestAccumulator(n, device)
+        acc.add(dst, 0)
+        return acc.value()
+
+    for label, fn in (("bucket: copy_ (reference)", lambda: dst.copy_(src)),
+                      ("bucket: pieces, digest per piece (earlier)",
+                       lambda: _digest_per_piece(dst, src, chunk, args.streams)),
+                      ("bucket: pieces, then one digest (now)", chunked_then_digest),
+                      ("bucket: one copy_, then one digest", whole_then_digest)):
+        rows.append((label, n, _best(fn, args.reps, device), ref))
+    assert chunked_then_digest() == _digest_per_piece(dst, src, chunk, args.streams) == whole_then_digest()
+    del src, dst
+
+    count = max(args.model_mb // 64, 1)
+    staged = [torch.randn(32 * MIB, device=device).to(torch.bfloat16) for _ in range(count)]
+    model = [torch.empty_like(t) for t in staged]
+    total = sum(t.numel() * 2 for t in staged)
+    flat_src = torch.empty(total, dtype=torch.uint8, device=device)
+    flat_dst = torch.empty_like(flat_src)
+    ref = _best(lambda: flat_dst.copy_(flat_src), args.reps, device)
+    del flat_src, flat_dst
+    pairs = [(m.view(-1).view(torch.uint8), s.view(-1).view(torch.uint8)) for m, s in zip(model, staged)]
+
+    def per_tensor() -> None:
+        for m, s in zip(model, staged):
+            m.copy_(s, non_blocking=True)
+
+    foreach = getattr(torch, "_foreach_copy_", None)
+    apply_rows = [("apply: one copy_ of all bytes (reference)", None),
+                  ("apply: copy_ per tensor", per_tensor),
+                  (f"apply: DeviceScatter {args.chunk_mb} MiB x {args.streams}",
+                   lambda: scatter.copy(pairs, sync=False)),
+                  ("apply: DeviceScatter 256 MiB x 1",
+                   lambda: DeviceScatter(256 * MIB, 1).copy(pairs, sync=False))]
+    if foreach is not None:
+        apply_rows.append(("apply: one _foreach_copy_", lambda: foreach(model, staged, non_blocking=True)))
+    for label, fn in apply_rows:
+        rows.append((label, total, ref if fn is None else _best(fn, args.reps, device), ref))
+    assert all(torch.equal(m, s) for m, s in zip(model, staged))
+
+    print("| strategy | MiB | ms | GB/s | vs copy_ |")
+    print("|---|---|---|---|---|")
+    for label, nbytes, sec, ref_s in rows:
+        print(f"| {label} | {nbytes // MIB} | {sec * 1e3:.2f} | {nbytes / sec / 1e9:.0f} | {ref_s / sec:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
