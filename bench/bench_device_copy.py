@@ -7,11 +7,11 @@ Two questions the cuda_ipc transport and the device apply depend on:
 
 * **Digest a bucket piece by piece right behind its copies (in cache), or in one pass after them?**
   Rows: the copy in ``--chunk-mb`` pieces over ``--streams`` streams with a digest per piece (the
-  earlier design), the same copies then one digest of the bucket (what ``DeviceScatter`` does now),
-  and one whole ``copy_`` then one digest.
+  earlier design), and ``DeviceScatter`` with one digest after it (now: a copy within one device runs
+  whole).
 * **How much does chunking cost when applying a version?** ``--model-mb`` of bf16 in 64 MiB tensors,
-  copied from staged buffers into the model: one ``copy_`` per tensor, ``DeviceScatter`` with
-  ``--chunk-mb`` pieces, and one ``torch._foreach_copy_`` of every tensor.
+  copied from staged buffers into the model: one ``copy_`` per tensor, ``--chunk-mb`` pieces over
+  ``--streams`` streams (earlier), ``DeviceScatter`` (now), and one ``torch._foreach_copy_``.
 
 Each row is the best of ``--reps`` after a warm-up, timed with a full synchronisation around it, so
 the Python that queues the work counts (it is what the transport pays). ``vs copy_`` is the row's
@@ -54,28 +54,34 @@ def _best(fn, reps: int, device: torch.device) -> float:
     return best
 
 
-def _digest_per_piece(dst: torch.Tensor, src: torch.Tensor, chunk: int, streams: int) -> int:
-    """The earlier design: each piece digested on its stream right after its copy."""
-    acc = DigestAccumulator(dst.numel(), dst.device)
-    pieces = plan_pieces([dst.numel()], chunk, streams if dst.is_cuda else 1)
-    if not dst.is_cuda:
+def _pieces_over_streams(pairs, chunk: int, streams: int, acc: DigestAccumulator | None = None) -> None:
+    """The earlier design: every copy cut into ``chunk`` pieces over ``streams`` side streams, each
+    piece digested on its stream right behind its copy (with ``acc``)."""
+    sizes = [d.numel() for d, _ in pairs]
+    cuda = pairs[0][0].is_cuda
+    pieces = plan_pieces(sizes, chunk, streams if cuda else 1)
+    if not cuda:
         for p in pieces:
-            dst[p.offset:p.offset + p.nbytes].copy_(src[p.offset:p.offset + p.nbytes])
-            acc.add(dst[p.offset:p.offset + p.nbytes], p.offset)
-        return acc.value()
+            d = pairs[p.task][0][p.offset:p.offset + p.nbytes]
+            d.copy_(pairs[p.task][1][p.offset:p.offset + p.nbytes])
+            if acc is not None:
+                acc.add(d, p.offset)
+        return
     current = torch.cuda.current_stream()
-    side = _digest_per_piece.streams = getattr(_digest_per_piece, "streams", None) or [
-        torch.cuda.Stream() for _ in range(streams)]
+    side = _SIDE.setdefault(streams, [torch.cuda.Stream() for _ in range(streams)])
     for s in side:
         s.wait_stream(current)
     for p in pieces:
         with torch.cuda.stream(side[p.stream]):
-            d = dst[p.offset:p.offset + p.nbytes]
-            d.copy_(src[p.offset:p.offset + p.nbytes], non_blocking=True)
-            acc.add(d, p.offset)
+            d = pairs[p.task][0][p.offset:p.offset + p.nbytes]
+            d.copy_(pairs[p.task][1][p.offset:p.offset + p.nbytes], non_blocking=True)
+            if acc is not None:
+                acc.add(d, p.offset)
     for s in side:
         current.wait_stream(s)
-    return acc.value()
+
+
+_SIDE: dict[int, list] = {}
 
 
 def main() -> int:
@@ -103,24 +109,21 @@ def main() -> int:
     ref = _best(lambda: dst.copy_(src), args.reps, device)
     scatter = DeviceScatter(chunk, args.streams)
 
-    def chunked_then_digest() -> int:
+    def per_piece_digest() -> int:
+        acc = DigestAccumulator(n, device)
+        _pieces_over_streams([(dst, src)], chunk, args.streams, acc)
+        return acc.value()
+
+    def scatter_then_digest() -> int:
         acc = DigestAccumulator(n, device)
         scatter.copy([(dst, src)], digest=acc, sync=False)
         return acc.value()
 
-    def whole_then_digest() -> int:
-        dst.copy_(src)
-        acc = DigestAccumulator(n, device)
-        acc.add(dst, 0)
-        return acc.value()
-
     for label, fn in (("bucket: copy_ (reference)", lambda: dst.copy_(src)),
-                      ("bucket: pieces, digest per piece (earlier)",
-                       lambda: _digest_per_piece(dst, src, chunk, args.streams)),
-                      ("bucket: pieces, then one digest (now)", chunked_then_digest),
-                      ("bucket: one copy_, then one digest", whole_then_digest)):
+                      ("bucket: pieces over streams, digest per piece (earlier)", per_piece_digest),
+                      ("bucket: DeviceScatter, then one digest (now)", scatter_then_digest)):
         rows.append((label, n, _best(fn, args.reps, device), ref))
-    assert chunked_then_digest() == _digest_per_piece(dst, src, chunk, args.streams) == whole_then_digest()
+    assert per_piece_digest() == scatter_then_digest()
     del src, dst
 
     count = max(args.model_mb // 64, 1)
@@ -140,10 +143,9 @@ def main() -> int:
     foreach = getattr(torch, "_foreach_copy_", None)
     apply_rows = [("apply: one copy_ of all bytes (reference)", None),
                   ("apply: copy_ per tensor", per_tensor),
-                  (f"apply: DeviceScatter {args.chunk_mb} MiB x {args.streams}",
-                   lambda: scatter.copy(pairs, sync=False)),
-                  ("apply: DeviceScatter 256 MiB x 1",
-                   lambda: DeviceScatter(256 * MIB, 1).copy(pairs, sync=False))]
+                  (f"apply: {args.chunk_mb} MiB pieces over {args.streams} streams (earlier)",
+                   lambda: _pieces_over_streams(pairs, chunk, args.streams)),
+                  ("apply: DeviceScatter (now)", lambda: scatter.copy(pairs, sync=False))]
     if foreach is not None:
         apply_rows.append(("apply: one _foreach_copy_", lambda: foreach(model, staged, non_blocking=True)))
     for label, fn in apply_rows:
