@@ -124,7 +124,6 @@ def main() -> int:
                       ("bucket: DeviceScatter, then one digest (now)", scatter_then_digest)):
         rows.append((label, n, _best(fn, args.reps, device), ref))
     assert per_piece_digest() == scatter_then_digest()
-    del src, dst
 
     count = max(args.model_mb // 64, 1)
     staged = [torch.randn(32 * MIB, device=device).to(torch.bfloat16) for _ in range(count)]
@@ -133,7 +132,7 @@ def main() -> int:
     flat_src = torch.empty(total, dtype=torch.uint8, device=device)
     flat_dst = torch.empty_like(flat_src)
     ref = _best(lambda: flat_dst.copy_(flat_src), args.reps, device)
-    del flat_src, flat_dst
+    flat_src = flat_dst = None  # noqa: F841 - only the reference copy needed them
     pairs = [(m.view(-1).view(torch.uint8), s.view(-1).view(torch.uint8)) for m, s in zip(model, staged)]
 
     def per_tensor() -> None:

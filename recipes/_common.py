@@ -95,6 +95,19 @@ def wait_receiver(proc: subprocess.Popen, timeout_s: float) -> int:
         return 124
 
 
+def report_and_check(sync: Any, summary: dict[str, Any], *, digests: dict[str, str], expect: Path,
+                     receiver: subprocess.Popen, timeout_s: float) -> int:
+    """Rank 0 after training: print the summary with the pushes, tell the inference process which
+    final weights to expect, and return its verdict (0 only when they are bit-exact)."""
+    results = sync.results
+    summary = {**summary, "pushes": len(results), "pushed_steps": [r.step for r in results],
+               "versions": [r.version for r in results]}
+    say(f"trainer: {json.dumps(summary)}")
+    last = sync.last_result
+    write_expectation(expect, version=last.version, step=last.step, digests=digests)
+    return wait_receiver(receiver, timeout_s)
+
+
 def shutdown_distributed() -> None:
     """Leave together and tear the process group down before exit.
 

@@ -15,15 +15,14 @@ bit-exactness with the trainer's final weights; the exit status is non-zero on a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank, say,
-                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
+from _common import (build_model, default_endpoint, final_digests, make_batches, rank, report_and_check,
+                     shutdown_distributed, start_receiver)
 
 
 def main() -> int:
@@ -87,18 +86,14 @@ def main() -> int:
     digests = final_digests(accelerator.unwrap_model(model))  # every rank: ZeRO-3 gathers are collective
     status = 0
     if rank() == 0:
-        last = sync.last_result
         summary = {"micro_steps": micro_steps, "optimizer_steps": sync.optimizer_steps,
-                   "pushes": len(sync.results), "pushed_steps": [r.step for r in sync.results],
-                   "versions": [r.version for r in sync.results],
                    "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized()
                    else 1,
                    "accelerate_num_processes": world,
                    "sharded": is_sharded(accelerator.unwrap_model(model)),
                    "deepspeed": accelerator.state.deepspeed_plugin is not None}
-        say(f"trainer: {json.dumps(summary)}")
-        write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
-        status = wait_receiver(receiver, args.timeout)
+        status = report_and_check(sync, summary, digests=digests, expect=workdir / "final.json",
+                                  receiver=receiver, timeout_s=args.timeout)
     sync.close()
     shutdown_distributed()
     return status

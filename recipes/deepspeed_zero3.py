@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank, say,
-                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
+from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank, report_and_check,
+                     shutdown_distributed, start_receiver)
 
 
 def load_ds_config(path: Path, micro_batch: int, grad_accum: int, stage: int | None) -> dict:
@@ -90,16 +90,12 @@ def main() -> int:
     digests = final_digests(engine.module)  # every rank: ZeRO-3 gathers are collective
     status = 0
     if rank() == 0:
-        last = sync.last_result
         summary = {"micro_steps": micro_steps, "optimizer_steps": sync.optimizer_steps,
-                   "global_steps": engine.global_steps, "pushes": len(sync.results),
-                   "pushed_steps": [r.step for r in sync.results],
-                   "versions": [r.version for r in sync.results],
+                   "global_steps": engine.global_steps,
                    "sharded": is_sharded(engine.module), "zero_stage": engine.zero_optimization_stage(),
                    "world_size": world}
-        say(f"trainer: {json.dumps(summary)}")
-        write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
-        status = wait_receiver(receiver, args.timeout)
+        status = report_and_check(sync, summary, digests=digests, expect=workdir / "final.json",
+                                  receiver=receiver, timeout_s=args.timeout)
     sync.close()
     shutdown_distributed()
     return status

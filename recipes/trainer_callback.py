@@ -15,15 +15,14 @@ in the bucket-sized gathers and rank 0 sends.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank, say,
-                     shutdown_distributed, start_receiver, wait_receiver, write_expectation)
+from _common import (build_model, default_endpoint, final_digests, make_batches, rank, report_and_check,
+                     shutdown_distributed, start_receiver)
 
 
 def main() -> int:
@@ -85,15 +84,12 @@ def main() -> int:
     status = 0
     if rank() == 0:
         last = sync.last_result
-        summary = {"optimizer_steps": trainer.state.global_step, "pushes": len(sync.results),
-                   "pushed_steps": [r.step for r in sync.results],
-                   "versions": [r.version for r in sync.results],
+        summary = {"optimizer_steps": trainer.state.global_step,
                    "last_push_ms": round(last.seconds * 1e3, 2), "bytes": last.bytes_sent,
                    "sharded": is_sharded(trainer.model), "deepspeed": bool(args.deepspeed),
                    "world_size": targs.world_size}
-        say(f"trainer: {json.dumps(summary)}")
-        write_expectation(workdir / "final.json", version=last.version, step=last.step, digests=digests)
-        status = wait_receiver(receiver, args.timeout)
+        status = report_and_check(sync, summary, digests=digests, expect=workdir / "final.json",
+                                  receiver=receiver, timeout_s=args.timeout)
     sync.close()
     shutdown_distributed()
     return status

@@ -218,13 +218,8 @@ class ShardedSource:
 
     def drain(self) -> None:
         """Enter and leave every gather not yet done (what the ranks that don't send do)."""
-        while self._next < len(self.groups):
-            group = self.groups[self._next]
-            self._next += 1
-            t0 = time.perf_counter()
-            with self._enter(group):
-                self._account(t0)
-            self.stats.seconds += time.perf_counter() - t0
+        for _ in self._iter():
+            pass
 
     def close(self) -> None:
         """Release the group in progress and run the gathers a stopped publish skipped."""
