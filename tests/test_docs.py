@@ -20,6 +20,7 @@ TUNING = ROOT / "docs" / "TUNING.md"
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
 SEED = ROOT.parent / "shared" / "seed" / "TUNING.md"  # the original guide, next to the checkout when present
+SEED_NAMES = ROOT / "tests" / "data" / "seed_tuning_names.txt"  # its HOTWEIGHTS_* names, kept with the tests
 
 
 def _generator():
@@ -58,12 +59,24 @@ def test_tuning_doc_gives_every_knob_default_meaning_and_group():
         assert group.splitlines()[0].strip()
 
 
+def _seed_names() -> set[str]:
+    lines = SEED_NAMES.read_text().splitlines()
+    return {ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")}
+
+
 def test_seed_guide_names_are_fields_or_explained():
+    gen = _generator()
+    missing = gen.unexplained_seed_names("\n".join(sorted(_seed_names())), TUNING.read_text())
+    assert not missing, f"seed guide names neither a SyncConfig field nor listed as not applicable: {missing}"
+
+
+def test_seed_name_list_matches_the_original_guide():
+    # The list above is a copy so the check runs anywhere; where the original sits next to the
+    # checkout, the copy must not have drifted from it.
     if not SEED.exists():
         pytest.skip("the original tuning guide is not next to this checkout")
     gen = _generator()
-    missing = gen.unexplained_seed_names(SEED.read_text(encoding="utf-8", errors="replace"), TUNING.read_text())
-    assert not missing, f"seed guide names neither a SyncConfig field nor listed as not applicable: {missing}"
+    assert _seed_names() == set(gen._NAME.findall(SEED.read_text(encoding="utf-8", errors="replace")))
 
 
 def test_seed_check_flags_unexplained_names():
