@@ -14,7 +14,6 @@ bounds.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Optional
 
 _FIELD = b"RssAnon:"

@@ -13,11 +13,11 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ..errors import HotweightsError, PeerLostError, SyncTimeoutError, WireFormatError
 from ..wire import messages
-from .base import TICK_S, PublisherHandler
+from .base import TICK_S, PublisherHandler, PublisherTransport, ReceiverTransport
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +294,41 @@ def _close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass  # closing twice is harmless
+
+
+class ServedPublisher(PublisherTransport):
+    """Publisher transports whose control messages go through the :class:`ControlServer` they start
+    (``self._server``: set in ``start``, ``None`` before and after ``close``)."""
+
+    _server: Optional[ControlServer] = None
+
+    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
+        server = self._server
+        if server is None:
+            return list(to)
+        return [rid for rid in to if not server.send(rid, msg)]
+
+    def drop(self, rid: str, reason: str) -> None:
+        if self._server is not None:
+            self._server.drop(rid, reason)
+
+
+class ClientReceiver(ReceiverTransport):
+    """Receiver transports that reach their publisher through a :class:`ControlClient`
+    (``self._client``: set in ``start``, ``None`` after ``close``)."""
+
+    _client: Optional[ControlClient] = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if msg.get("op") == "release":
+            self.release_staged(msg["version"])
+        if self._client is None:
+            raise PeerLostError("receiver transport not started")
+        self._client.send(msg)
+
+    def release_staged(self, version: int) -> None:
+        """The engine is done with ``version``: free the buffers this transport staged it in."""

@@ -61,7 +61,7 @@ import torch
 
 from ..config import SyncConfig
 from ..control.handles import HandleTable, sign_handle, verify_handle
-from ..errors import EndpointError, HotweightsError, PeerLostError, WireFormatError
+from ..errors import EndpointError, HotweightsError, WireFormatError
 from ..gpu import autotune
 from ..gpu.bucket import DeviceBucket
 from ..gpu.checksum import DigestAccumulator
@@ -71,9 +71,8 @@ from ..gpu.scatter import DeviceScatter
 from ..gpu.topology import PathUsage, probe
 from ..wire.bucket import ENC_DENSE, FLAG_DEVICE, seal_header, write_header
 from ..wire.packer import PlannedBucket
-from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,
-                   TransportStats)
-from .control_channel import ControlClient, ControlServer
+from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .shm import _pid_alive, control_address
@@ -113,7 +112,7 @@ class _Flight:
     t0: float
 
 
-class CudaIpcPublisher(PublisherTransport):
+class CudaIpcPublisher(ServedPublisher):
     name: ClassVar[str] = "cuda_ipc"
     zero_copy: ClassVar[bool] = False
     multi_receiver: ClassVar[bool] = True
@@ -278,16 +277,6 @@ class CudaIpcPublisher(PublisherTransport):
             self._collect = True
         self.send([r for r in holders if r in self._pids], {"op": "tx", "kind": "ipc_close", "buffers": [dev.id]})
         log.info("freed expired cuda_ipc buffer %d", dev.id)
-
-    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
-        server = self._server
-        if server is None:
-            return list(to)
-        return [rid for rid in to if not server.send(rid, msg)]
-
-    def drop(self, rid: str, reason: str) -> None:
-        if self._server is not None:
-            self._server.drop(rid, reason)
 
     def stats(self) -> TransportStats:
         self._meter.refresh()
@@ -466,7 +455,7 @@ def _int(msg: dict[str, Any], key: str) -> int:
     return value
 
 
-class CudaIpcReceiver(ReceiverTransport):
+class CudaIpcReceiver(ClientReceiver):
     name: ClassVar[str] = "cuda_ipc"
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
@@ -503,16 +492,8 @@ class CudaIpcReceiver(ReceiverTransport):
             name=f"ipc-{self.endpoint.name}")
         self._client.start()
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if msg.get("op") == "release":
-            self._staged.release(msg["version"])
-        if self._client is None:
-            raise PeerLostError("receiver transport not started")
-        self._client.send(msg)
+    def release_staged(self, version: int) -> None:
+        self._staged.release(version)
 
     def close(self) -> None:
         self._opened.clear()  # our references go first; the goodbye says we released them ourselves

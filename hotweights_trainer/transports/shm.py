@@ -25,11 +25,10 @@ import time
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import EndpointError, SyncTimeoutError, TransportUnavailableError, WireFormatError
-from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
-                   ReceiverTransport, TransportStats)
+from ..errors import EndpointError, TransportUnavailableError, WireFormatError
+from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from ..control.handles import sign_handle, verify_handle
-from .control_channel import ControlClient, ControlServer
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .endpoint import Endpoint
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ class _Block:
             pass  # a view is still alive somewhere; the mapping goes when it does
 
 
-class ShmPublisher(PublisherTransport):
+class ShmPublisher(ServedPublisher):
     name: ClassVar[str] = "shm"
     zero_copy: ClassVar[bool] = True
     multi_receiver: ClassVar[bool] = True
@@ -236,12 +235,6 @@ class ShmPublisher(PublisherTransport):
         self._stats.buckets_posted += 1
         self._stats.seconds_posting += time.perf_counter() - t0
 
-    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
-        server = self._server
-        if server is None:
-            return list(to)
-        return [rid for rid in to if not server.send(rid, msg)]
-
     def recycle(self, buf: BucketBuffer) -> None:
         block = buf.owner
         with self._lock:
@@ -269,10 +262,6 @@ class ShmPublisher(PublisherTransport):
             self._lock.notify_all()
         log.info("unlinked expired shm block %s", block.shm_name)
 
-    def drop(self, rid: str, reason: str) -> None:
-        if self._server is not None:
-            self._server.drop(rid, reason)
-
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -290,7 +279,7 @@ class ShmPublisher(PublisherTransport):
 _HANDLE = re.compile(r"^hwt\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<seq>\d+)$")
 
 
-class ShmReceiver(ReceiverTransport):
+class ShmReceiver(ClientReceiver):
     name: ClassVar[str] = "shm"
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
@@ -323,15 +312,6 @@ class ShmReceiver(ReceiverTransport):
             on_frame=self._on_frame, on_lost=self._on_lost, timeout_s=self.config.timeout_s,
             max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
         self._client.start()
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self._client is None:
-            raise SyncTimeoutError("receiver transport not started")
-        self._client.send(msg)
 
     def close(self) -> None:
         if self._client is not None:

@@ -51,10 +51,9 @@ from ..config import SyncConfig, parse_int_list
 from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
                       TransportUnavailableError, WireFormatError)
 from . import tcp
-from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,
-                   TransportStats)
+from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
-from .control_channel import ControlClient, ControlServer
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -171,7 +170,7 @@ def _retire_pg(pg: Any) -> None:
         log.debug("aborting a process group failed: %s", exc)
 
 
-class TorchPublisher(PublisherTransport):
+class TorchPublisher(ServedPublisher):
     name: ClassVar[str] = "torch"
     zero_copy: ClassVar[bool] = False
     multi_receiver: ClassVar[bool] = True
@@ -340,16 +339,6 @@ class TorchPublisher(PublisherTransport):
     def recycle(self, buf: BucketBuffer) -> None:
         self._pool.put(buf.owner)
 
-    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
-        server = self._server
-        if server is None:
-            return list(to)
-        return [rid for rid in to if not server.send(rid, msg)]
-
-    def drop(self, rid: str, reason: str) -> None:
-        if self._server is not None:
-            self._server.drop(rid, reason)
-
     def stats(self) -> TransportStats:
         self._reap()
         return self._meter.stats
@@ -502,7 +491,7 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-class TorchReceiver(ReceiverTransport):
+class TorchReceiver(ClientReceiver):
     name: ClassVar[str] = "torch"
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
@@ -536,18 +525,10 @@ class TorchReceiver(ReceiverTransport):
             name=f"torch-{self.endpoint.port}")
         self._client.start()
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if msg.get("op") == "release":
-            self._pool.release(msg["version"])
-            if self._device_pool is not None:
-                self._device_pool.release(msg["version"])
-        if self._client is None:
-            raise PeerLostError("receiver transport not started")
-        self._client.send(msg)
+    def release_staged(self, version: int) -> None:
+        self._pool.release(version)
+        if self._device_pool is not None:
+            self._device_pool.release(version)
 
     def close(self) -> None:
         if self._client is not None:

@@ -29,10 +29,9 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 from ..config import SyncConfig
 from ..errors import EndpointError, PeerLostError, WireFormatError
 from . import tcp
-from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler, ReceiverTransport,
-                   TransportStats)
+from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
-from .control_channel import ControlClient, ControlServer
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -92,7 +91,7 @@ class _Flight:
     settled: bool = False
 
 
-class UcxPublisher(PublisherTransport):
+class UcxPublisher(ServedPublisher):
     name: ClassVar[str] = "ucx"
     zero_copy: ClassVar[bool] = False
     multi_receiver: ClassVar[bool] = True
@@ -190,16 +189,6 @@ class UcxPublisher(PublisherTransport):
 
     def recycle(self, buf: BucketBuffer) -> None:
         self._pool.put(buf.owner)
-
-    def send(self, to: Sequence[str], msg: dict[str, Any]) -> list[str]:
-        server = self._server
-        if server is None:
-            return list(to)
-        return [rid for rid in to if not server.send(rid, msg)]
-
-    def drop(self, rid: str, reason: str) -> None:
-        if self._server is not None:
-            self._server.drop(rid, reason)
 
     def stats(self) -> TransportStats:
         self._meter.refresh()
@@ -390,7 +379,7 @@ class _PolledPending:
         return None
 
 
-class UcxReceiver(ReceiverTransport):
+class UcxReceiver(ClientReceiver):
     name: ClassVar[str] = "ucx"
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
@@ -423,16 +412,8 @@ class UcxReceiver(ReceiverTransport):
             name=f"ucx-{self.endpoint.port}")
         self._client.start()
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if msg.get("op") == "release":
-            self._pool.release(msg["version"])
-        if self._client is None:
-            raise PeerLostError("receiver transport not started")
-        self._client.send(msg)
+    def release_staged(self, version: int) -> None:
+        self._pool.release(version)
 
     def close(self) -> None:
         if self._client is not None:
