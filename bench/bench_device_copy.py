@@ -1,7 +1,8 @@
 """Device copy strategies of the GPU data path, against one ``copy_`` of the same bytes, in one process.
 
-    python bench/bench_device_copy.py                  # 256 MiB bucket, 4 GiB model, on the GPU
-    python bench/bench_device_copy.py --device cpu --bucket-mb 64 --model-mb 512   # the same on the CPU
+    python bench/bench_device_copy.py                  # 256 MiB bucket, 4 GiB model on the GPU (64 MiB, 512 MiB on CPU)
+    python bench/bench_device_copy.py --device cpu --bucket-mb 256 --model-mb 4096
+    python bench/bench_device_copy.py --quick          # smoke-sized: checks the script runs
 
 Two questions the cuda_ipc transport and the device apply depend on:
 
@@ -87,13 +88,19 @@ _SIDE: dict[int, list] = {}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bucket-mb", type=int, default=256)
-    ap.add_argument("--model-mb", type=int, default=4096)
+    ap.add_argument("--bucket-mb", type=int, default=None, help="default 256 on a GPU, 64 on the CPU")
+    ap.add_argument("--model-mb", type=int, default=None, help="default 4096 on a GPU, 512 on the CPU")
     ap.add_argument("--chunk-mb", type=int, default=16, help="HOTWEIGHTS_IPC_COPY_CHUNK_MB's default")
     ap.add_argument("--streams", type=int, default=2, help="HOTWEIGHTS_IPC_COPY_STREAMS's default")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="16 MiB bucket, 128 MiB model, 1 rep")
     args = ap.parse_args()
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        args.bucket_mb, args.model_mb, args.reps = 16, 128, 1
+    args.bucket_mb = args.bucket_mb or (256 if gpu else 64)
+    args.model_mb = args.model_mb or (4096 if gpu else 512)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_device_copy: no CUDA device here; pass --device cpu to run it on the CPU")
         return 0
