@@ -348,6 +348,9 @@ class WeightPublisher:
                     raise ClosedError("publisher closed while a version was in flight")
                 if rec.error is not None:
                     raise rec.error
+                lost = self._tx.delivery_error(rec.version)
+                if lost is not None:
+                    raise lost
                 d = rec.decision
                 if d["decision"] == "commit":
                     return

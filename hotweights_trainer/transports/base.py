@@ -178,6 +178,13 @@ class PublisherTransport(abc.ABC):
     def drop(self, rid: str, reason: str) -> None:
         """Disconnect one receiver (eviction); its ``on_lost`` follows."""
 
+    def delivery_error(self, version: int) -> Optional[Exception]:
+        """Why ``version`` can no longer reach every receiver it was posted to, once the transport
+        learned it after ``post`` returned (a broadcast group that broke while its buckets were in
+        flight); ``None`` otherwise. The engine asks while it waits for the version's decision and
+        aborts the version at once instead of waiting out the deadline."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop, disconnect every receiver and free every buffer. Idempotent."""

@@ -15,8 +15,8 @@
   with a window of ``mpi_window`` buckets in flight (``--window``) plus the shared byte cap and
   adaptation of :mod:`.window`. Receivers post their side as soon as the ``bucket`` message arrives,
   into pre-faulted reused buffers, and hand buckets to the engine in order (:mod:`.delivery`).
-- **Threads**: one thread per process makes every MPI call of the transport (MPI must provide
-  ``MPI_THREAD_MULTIPLE``, since the application's own thread may call MPI too); engine callbacks
+- **Threads** (:mod:`.mpi_progress`): one thread per process makes every MPI call of the transport
+  (MPI must provide ``MPI_THREAD_MULTIPLE``, since the application's own thread may call MPI too); engine callbacks
   run on a separate thread, so a callback that posts (catch-up) never blocks MPI progress.
 - **Fault model**: a rank that dies ends the MPI job (``mpirun`` kills the others), so a dead
   receiver costs the publisher its job, not a hang; a receiver that stalls is evicted after
@@ -29,62 +29,36 @@ receiving with ``MPI.ANY_TAG`` on ``COMM_WORLD`` at the same time would steal th
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
-import queue
 import secrets
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
-                      TransportUnavailableError, WireFormatError, missing_dependency)
+from ..errors import EndpointError, PeerLostError, SyncTimeoutError, WireFormatError
 from ..wire import messages
 from . import tcp
-from .base import (TICK_S, BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
+from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
                    ReceiverTransport, TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
+from .mpi_progress import CTRL_TAG, GROUP_TAG, Events, MpiThread
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
 
-CTRL_TAG = 0x4857   # "HW": control messages on COMM_WORLD
-GROUP_TAG = 0x4858  # MPI_Comm_create_group tag
 _GROUPS_KEPT = 3
-_HOT_S = 0.02  # keep polling this long after the last activity before idling in 1 ms waits
-_live: "weakref.WeakSet[_MpiThread]" = weakref.WeakSet()
-
-
-def _mpi() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise missing_dependency("mpi4py", "mpi") from None
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        raise TransportUnavailableError(
-            "the mpi transport needs MPI_THREAD_MULTIPLE (its progress thread runs beside the application's "
-            f"MPI calls), but MPI provides level {MPI.Query_thread()}; use an MPI built with thread support")
-    return MPI
 
 
 def _check_endpoint(endpoint: Endpoint) -> None:
     if endpoint.scheme != "mpi":
         raise EndpointError(f"the mpi transport needs the mpi:// endpoint, got {endpoint}")
-
-
-@atexit.register
-def _close_all() -> None:
-    # mpi4py finalizes MPI after Python's atexit handlers; our threads must be gone by then.
-    for t in list(_live):
-        t.stop()
 
 
 def _numpy_view(buf: HostBuffer) -> Any:
@@ -102,202 +76,6 @@ class _Formation:
     future: Future
     deadline: float
     ready: set[int] = field(default_factory=set)
-
-
-class _MpiThread:
-    """The one thread that makes the transport's MPI calls; everything else submits work to it."""
-
-    def __init__(self, name: str, on_ctl: Callable[[int, dict[str, Any]], None], max_message_bytes: int):
-        self.MPI = _mpi()
-        self.world = self.MPI.COMM_WORLD
-        self.rank = self.world.Get_rank()
-        self.size = self.world.Get_size()
-        self._on_ctl = on_ctl
-        self._max = max_message_bytes
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._sends: list[tuple[Any, bytes]] = []
-        self._reqs: list[Any] = []
-        self._req_pending: list[EventPending] = []
-        self.tickers: list[Callable[[], None]] = []
-        self._thread = threading.Thread(target=self._run, name=f"hotweights-mpi-{name}", daemon=True)
-        _live.add(self)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the MPI thread; the future carries its result or exception."""
-        fut: Future = Future()
-        if self._stop.is_set():
-            fut.set_exception(PeerLostError("mpi transport closed"))
-            return fut
-        self._cmds.put((fn, fut))
-        self._wake.set()
-        return fut
-
-    def send_ctl(self, dest: int, msg: dict[str, Any]) -> None:
-        data = messages.encode(msg)[4:]  # the MPI message carries its own length
-        self.submit(lambda: self._isend(dest, data))
-
-    def track(self, reqs: list[Any], pending: EventPending) -> None:
-        """(MPI thread) finish one part of ``pending`` per completed request."""
-        self._reqs.extend(reqs)
-        self._req_pending.extend([pending] * len(reqs))
-
-    def forget(self, pending: EventPending) -> None:
-        """(MPI thread) stop tracking the requests of ``pending`` (they may never complete)."""
-        keep = [i for i, p in enumerate(self._req_pending) if p is not pending]
-        self._reqs = [self._reqs[i] for i in keep]
-        self._req_pending = [self._req_pending[i] for i in keep]
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._stop.is_set():
-            return
-        # Let queued control messages (goodbyes) go out first.
-        done = self.submit(lambda: None)
-        try:
-            done.result(timeout)
-        except Exception:  # noqa: BLE001 - stopping anyway; whatever failed was logged on the thread
-            pass
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    # ---------------------------------------------------------------- the loop
-    def _isend(self, dest: int, data: bytes) -> None:
-        req = self.world.Isend([data, self.MPI.BYTE], dest=dest, tag=CTRL_TAG)
-        self._sends.append((req, data))
-
-    def _run(self) -> None:
-        MPI = self.MPI
-        status = MPI.Status()
-        next_tick = time.monotonic() + TICK_S
-        last_busy = 0.0
-        while not self._stop.is_set():
-            busy = False
-            try:
-                while True:
-                    try:
-                        fn, fut = self._cmds.get_nowait()
-                    except queue.Empty:
-                        break
-                    busy = True
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as exc:  # noqa: BLE001 - handed to the submitter via the future
-                            fut.set_exception(exc)
-                while self.world.Iprobe(source=MPI.ANY_SOURCE, tag=CTRL_TAG, status=status):
-                    busy = True
-                    self._recv_ctl(status)
-                if self._reqs:
-                    done = MPI.Request.Testsome(self._reqs)
-                    if done:
-                        busy = True
-                        finished = set(done)
-                        for i in sorted(finished):
-                            self._req_pending[i].finish()
-                        self._reqs = [r for i, r in enumerate(self._reqs) if i not in finished]
-                        self._req_pending = [p for i, p in enumerate(self._req_pending) if i not in finished]
-                if self._sends:
-                    flags = [r.Test() for r, _ in self._sends]
-                    self._sends = [s for s, f in zip(self._sends, flags) if not f]
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + TICK_S
-                    for tick in self.tickers:
-                        tick()
-            except Exception:  # noqa: BLE001 - keep the progress thread alive; the error is logged
-                log.exception("mpi transport progress thread error")
-            now = time.monotonic()
-            if busy:
-                last_busy = now
-            elif self._reqs or now - last_busy < _HOT_S:
-                # Data in flight (MPI progresses only inside calls) or a transfer just ended (its
-                # next control message is due): poll often.
-                time.sleep(0 if self._reqs else 2e-5)
-            else:
-                self._wake.wait(0.001)
-                self._wake.clear()
-        for req, _ in self._sends:
-            try:
-                if not req.Test():
-                    req.Cancel()
-            except Exception:  # noqa: BLE001 - shutting down; an undeliverable goodbye is harmless
-                pass
-
-    def _recv_ctl(self, status: Any) -> None:
-        MPI = self.MPI
-        source, n = status.Get_source(), status.Get_count(MPI.BYTE)
-        buf = bytearray(max(n, 1))
-        self.world.Recv([buf, n, MPI.BYTE], source=source, tag=CTRL_TAG)
-        if n > self._max:
-            log.warning("rank %d sent a %d-byte control message (limit %d); ignored", source, n, self._max)
-            return
-        try:
-            msg = messages.decode(bytes(buf[:n]))
-        except WireFormatError as exc:
-            log.warning("rank %d sent a malformed control message: %s", source, exc)
-            return
-        self._on_ctl(source, msg)
-
-    def create_group(self, ranks: Sequence[int]) -> Any:
-        """(MPI thread) a communicator of ``ranks`` (rank 0 first); collective over exactly them."""
-        group = self.world.Get_group().Incl(list(ranks))
-        try:
-            return self.world.Create_group(group, tag=GROUP_TAG)
-        finally:
-            group.Free()
-
-
-class _Events:
-    """Runs engine callbacks in order on their own thread, plus a tick every TICK_S."""
-
-    def __init__(self, name: str, tick: Optional[Callable[[], None]] = None):
-        self._q: queue.Queue = queue.Queue()
-        self._tick = tick
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"hotweights-mpi-events-{name}", daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable, *args: Any) -> None:
-        self._q.put((fn, args))
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._q.put(None)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        next_tick = time.monotonic() + TICK_S
-        while not self._stop.is_set():
-            try:
-                item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = ()
-            while item:  # everything already queued (heartbeats included) goes before the next tick
-                fn, args = item
-                self._safe(fn, *args)
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    item = ()
-            if item is None:
-                return
-            if self._tick is not None and time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + TICK_S
-                self._safe(self._tick)
-
-    @staticmethod
-    def _safe(fn: Callable, *args: Any) -> None:
-        # One failing callback must not stop the ones after it (every receiver would stall).
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - logged with traceback
-            log.exception("mpi transport callback %s failed", getattr(fn, "__name__", fn))
 
 
 @dataclass
@@ -336,7 +114,7 @@ class MpiPublisher(PublisherTransport):
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _check_endpoint(endpoint)
         super().__init__(endpoint, config)
-        self._mt = _MpiThread("pub", self._on_ctl, config.max_message_bytes)
+        self._mt = MpiThread("pub", self._on_ctl, config.max_message_bytes)
         if self._mt.rank != 0:
             raise EndpointError(f"mpi:// publishes from rank 0 only; this process is rank {self._mt.rank} "
                                 "(create a WeightReceiver here instead)")
@@ -346,7 +124,7 @@ class MpiPublisher(PublisherTransport):
         self._meter = TransportMeter("mpi", str(endpoint), self._gate)
         self._chunk = config.mpi_chunk_mb << 20
         self._handler: Optional[PublisherHandler] = None
-        self._events: Optional[_Events] = None
+        self._events: Optional[Events] = None
         self._rank_of: dict[str, int] = {}
         self._rid_of: dict[int, str] = {}
         self._groups: collections.OrderedDict[tuple[int, ...], _Group] = collections.OrderedDict()
@@ -360,7 +138,7 @@ class MpiPublisher(PublisherTransport):
 
     def start(self, handler: PublisherHandler) -> None:
         self._handler = handler
-        self._events = _Events("pub", tick=handler.on_tick)
+        self._events = Events("pub", tick=handler.on_tick)
         self._mt.tickers.append(self._check_formations)
         self._mt.start()
         log.info("mpi transport: publisher on rank 0 of %d (window %d, chunk %d MiB)", self._mt.size,
@@ -586,7 +364,7 @@ class MpiReceiver(ReceiverTransport):
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _check_endpoint(endpoint)
         super().__init__(endpoint, config)
-        self._mt = _MpiThread("rx", self._on_ctl, config.max_message_bytes)
+        self._mt = MpiThread("rx", self._on_ctl, config.max_message_bytes)
         if self._mt.rank == 0:
             raise EndpointError("mpi:// receives on ranks 1..N-1; rank 0 is the publisher")
         self._pool = ReceivePool(config.bucket_bytes)

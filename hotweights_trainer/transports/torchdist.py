@@ -159,6 +159,7 @@ class _Flight:
     pending: EventPending
     group: _Group
     buf: HostBuffer
+    version: int = 0
     settled: bool = False
 
 
@@ -199,6 +200,7 @@ class TorchPublisher(ServedPublisher):
         self._chunk = config.bcast_chunk_mb << 20
         self._tuned = not config.bcast_autotune
         self._flights: list[_Flight] = []
+        self._lost_version: Optional[tuple[int, PeerLostError]] = None  # latest version a broken group failed
         self._lock = threading.RLock()
         self._local = local_backends()
         self._device_pool: Optional[ThreadPoolExecutor] = None
@@ -252,7 +254,7 @@ class TorchPublisher(ServedPublisher):
         n = buf.length
         group = self._group_for(to)
         self._gate.acquire(n)
-        flight = _Flight(n, time.perf_counter(), EventPending(), group, buf.owner)
+        flight = _Flight(n, time.perf_counter(), EventPending(), group, buf.owner, version)
         try:
             if group.broken:
                 raise PeerLostError(f"broadcast group {group.epoch} is broken: {group.broken}")
@@ -325,6 +327,10 @@ class TorchPublisher(ServedPublisher):
         err = flight.pending.error()
         if err is not None:
             self._break(flight.group, str(err).splitlines()[0][:300])
+            with self._lock:
+                self._lost_version = (flight.version, PeerLostError(
+                    f"version {flight.version}: the broadcast to group {flight.group.epoch} "
+                    f"({', '.join(flight.group.rids)}) failed: {str(err).splitlines()[0][:300]}"))
         else:
             self._meter.moved(flight.nbytes, dt)
         self._gate.release(flight.nbytes, dt)
@@ -338,6 +344,12 @@ class TorchPublisher(ServedPublisher):
 
     def recycle(self, buf: BucketBuffer) -> None:
         self._pool.put(buf.owner)
+
+    def delivery_error(self, version: int) -> Optional[Exception]:
+        self._reap()  # settles finished broadcasts, failed ones included
+        with self._lock:
+            lost = self._lost_version
+        return lost[1] if lost is not None and lost[0] == version else None
 
     def stats(self) -> TransportStats:
         self._reap()
