@@ -108,6 +108,18 @@ def report_and_check(sync: Any, summary: dict[str, Any], *, digests: dict[str, s
     return wait_receiver(receiver, timeout_s)
 
 
+def exit_launched(code: int) -> None:
+    """End a launched rank once it has reported: flush and leave without interpreter teardown.
+
+    Even after ``destroy_process_group``, torch's gloo and DeepSpeed's CPU threads are sometimes
+    destroyed at exit while still joinable ("terminate called without an active exception"), and
+    the launcher then reports the whole run as failed although every rank finished its work.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def shutdown_distributed() -> None:
     """Leave together and tear the process group down before exit.
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import (HERE, build_model, default_endpoint, final_digests, make_batches, rank, report_and_check,
-                     shutdown_distributed, start_receiver)
+from _common import (HERE, build_model, default_endpoint, exit_launched, final_digests, make_batches, rank,
+                     report_and_check, shutdown_distributed, start_receiver)
 
 
 def load_ds_config(path: Path, micro_batch: int, grad_accum: int, stage: int | None) -> dict:
@@ -102,4 +101,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_launched(main())

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import (build_model, default_endpoint, final_digests, make_batches, rank, report_and_check,
-                     shutdown_distributed, start_receiver)
+from _common import (build_model, default_endpoint, exit_launched, final_digests, make_batches, rank,
+                     report_and_check, shutdown_distributed, start_receiver)
 
 
 def main() -> int:
@@ -96,4 +95,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_launched(main())
