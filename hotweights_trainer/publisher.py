@@ -29,7 +29,6 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import metrics
@@ -40,70 +39,16 @@ from .control.session import open_session
 from .control.status_socket import StatusListener
 from .delta.encoder import DeltaStats
 from .delta.engine import make_publisher_delta
-from .errors import (ClosedError, CorruptBucketError, HotweightsError, ManifestMismatchError,
-                     SyncTimeoutError, VersionAbortedError, WireFormatError)
+from .errors import ClosedError, HotweightsError, SyncTimeoutError, VersionAbortedError
 from .naming import NameMap
+from .publish_records import PublishResult, ReceiverRecord, VersionRecord, abort_kind, nack_error
 from .source import iter_source
 from .transports import create_publisher_transport, parse_endpoint
-from .transports.base import BucketBuffer, PublisherTransport
+from .transports.base import PublisherTransport
 from .wire.manifest import ManifestBuilder
 from .wire.packer import plan_buckets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PublishResult:
-    """What one ``publish`` did. All numbers are measured."""
-
-    version: int
-    bytes_sent: int
-    tensors_sent: int
-    seconds: float
-    buckets: int = 0
-    receivers: int = 0
-    dense_bytes: int = 0
-    step: Optional[int] = None
-    phases: dict[str, float] = field(default_factory=dict)
-    delta: Optional[DeltaStats] = None
-    """Delta-sync numbers of this version (changed elements, payload vs dense bytes); None when off."""
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes_sent / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass
-class _Version:
-    version: int
-    step: Optional[int]
-    quorum: set[str] = field(default_factory=set)
-    buffers: list[BucketBuffer] = field(default_factory=list)
-    end: Optional[dict[str, Any]] = None
-    handles: set[str] = field(default_factory=set)  # keys posted to the coordinator, not yet released
-    expired: set[int] = field(default_factory=set)  # bucket indices whose handle expired: free, don't reuse
-    staged: set[str] = field(default_factory=set)
-    nacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    catchup: dict[str, float] = field(default_factory=dict)  # rid -> deadline
-    decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
-    error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
-    state: str = "sending"  # sending -> waiting -> committed | aborted
-
-
-@dataclass
-class _Receiver:
-    rid: str
-    pid: int
-    live_version: int
-    joined: float
-
-
-# Errors a receiver may report in a nack, re-raised on the trainer with their own type.
-_NACK_TYPES: dict[str, type[HotweightsError]] = {
-    "ManifestMismatchError": ManifestMismatchError,
-    "CorruptBucketError": CorruptBucketError,
-    "WireFormatError": WireFormatError,
-}
 
 
 class WeightPublisher:
@@ -121,10 +66,10 @@ class WeightPublisher:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._publish_lock = threading.Lock()
-        self._receivers: dict[str, _Receiver] = {}
-        self._versions: dict[int, _Version] = {}
-        self._committed: Optional[_Version] = None
-        self._current: Optional[_Version] = None
+        self._receivers: dict[str, ReceiverRecord] = {}
+        self._versions: dict[int, VersionRecord] = {}
+        self._committed: Optional[VersionRecord] = None
+        self._current: Optional[VersionRecord] = None
         self._closed = False
         self.last_result: Optional[PublishResult] = None
         self._ep = str(self.endpoint)
@@ -241,7 +186,7 @@ class WeightPublisher:
                 metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
                 raise
             version = begun["version"]
-            rec = _Version(version, step)
+            rec = VersionRecord(version, step)
             rec.quorum = set(begun["quorum"]) & set(self._receivers)
             for other in self._versions.values():
                 for rid in rec.quorum:  # this version supersedes any catch-up still in flight
@@ -288,7 +233,7 @@ class WeightPublisher:
                     self._delta.commit(version)  # this version's snapshots become the next delta's bases
                 self._on_committed(rec, committed)
         except BaseException as exc:
-            self._abort(rec, f"{type(exc).__name__}: {exc}", _abort_kind(exc))
+            self._abort(rec, f"{type(exc).__name__}: {exc}", abort_kind(exc))
             metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
         t1 = time.perf_counter()
@@ -315,10 +260,10 @@ class WeightPublisher:
                   result.tensors_sent, nbytes / 1e6, result.receivers, result.seconds * 1e3)
         return result
 
-    def _members(self, rec: _Version) -> list[str]:
+    def _members(self, rec: VersionRecord) -> list[str]:
         return [rid for rid in rec.quorum if rid in self._receivers]
 
-    def _on_committed(self, rec: _Version, committed: dict[str, Any]) -> None:
+    def _on_committed(self, rec: VersionRecord, committed: dict[str, Any]) -> None:
         """The coordinator recorded the commit: tell the ready receivers (lock held)."""
         rec.state = "committed"
         previous, self._committed = self._committed, rec
@@ -340,7 +285,7 @@ class WeightPublisher:
             if rid not in rec.quorum:
                 self._catch_up(rid, rec)
 
-    def _wait_decision(self, rec: _Version) -> None:
+    def _wait_decision(self, rec: VersionRecord) -> None:
         deadline = time.monotonic() + self.config.timeout_s
         with self._cond:
             while True:
@@ -356,7 +301,7 @@ class WeightPublisher:
                     return
                 if d["decision"] == "abort" and d.get("kind") != "deadline":
                     if rec.nacks:
-                        raise self._nack_error(rec)
+                        raise nack_error(rec.version, rec.nacks)
                     raise VersionAbortedError(rec.version, d.get("reason", "quorum not met"))
                 left = deadline - time.monotonic()
                 if left <= 0 or d["decision"] == "abort":
@@ -374,20 +319,7 @@ class WeightPublisher:
             rec.decision = d
             self._cond.notify_all()
 
-    def _nack_error(self, rec: _Version) -> HotweightsError:
-        rid, nack = sorted(rec.nacks.items())[0]
-        etype = _NACK_TYPES.get(nack.get("error", ""))
-        problems = nack.get("problems")
-        if etype is ManifestMismatchError and isinstance(problems, dict):
-            err: HotweightsError = ManifestMismatchError({str(k): str(v) for k, v in problems.items()})
-        elif etype is not None and etype is not ManifestMismatchError:
-            err = etype(f"receiver {rid} rejected version {rec.version}: {nack['message']}")
-        else:
-            err = VersionAbortedError(rec.version, "rejected by receivers",
-                                      [f"{r}: {n.get('error')}: {n['message']}" for r, n in rec.nacks.items()])
-        return err
-
-    def _abort(self, rec: _Version, reason: str, kind: str) -> None:
+    def _abort(self, rec: VersionRecord, reason: str, kind: str) -> None:
         with self._lock:
             if rec.state in ("committed", "aborted"):
                 return
@@ -407,7 +339,7 @@ class WeightPublisher:
         self._tx.send(sorted(to), msg)
 
     # ---------------------------------------------------------------- handles and buffers
-    def _post_handles(self, rec: _Version, indices: Any, holders: list[str]) -> None:
+    def _post_handles(self, rec: VersionRecord, indices: Any, holders: list[str]) -> None:
         """Register the buffers of ``rec`` as handles held by ``holders`` (lock held)."""
         if not holders:
             return
@@ -443,7 +375,7 @@ class WeightPublisher:
         if orphans:
             free_handles(self._ep, orphans, self.config)
 
-    def _maybe_recycle(self, rec: _Version) -> None:
+    def _maybe_recycle(self, rec: VersionRecord) -> None:
         if rec is self._committed or rec is self._current or rec.handles or rec.catchup:
             return
         for index, buf in enumerate(rec.buffers):
@@ -479,7 +411,7 @@ class WeightPublisher:
                 log.error("coordinator refused receiver %s: %s; disconnecting it", rid, exc)
                 self._tx.drop(rid, f"coordinator unavailable: {exc}")
                 return
-            self._receivers[rid] = _Receiver(rid, hello["pid"], live, time.monotonic())
+            self._receivers[rid] = ReceiverRecord(rid, hello["pid"], live, time.monotonic())
             if self._delta is not None:
                 self._delta.on_join(rid, hello)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
@@ -585,7 +517,7 @@ class WeightPublisher:
             self._expired(swept["expired"])
             self._set_decision(swept["decision"])
 
-    def _catch_up(self, rid: str, rec: _Version) -> None:
+    def _catch_up(self, rid: str, rec: VersionRecord) -> None:
         """Send the committed version ``rec`` in full to one receiver (late join)."""
         if rec.end is None:
             return
@@ -596,14 +528,6 @@ class WeightPublisher:
         for index, buf in enumerate(rec.buffers):
             self._tx.post([rid], rec.version, index, buf)
         self._tx.send([rid], rec.end)
-
-
-def _abort_kind(exc: BaseException) -> str:
-    if isinstance(exc, SyncTimeoutError):
-        return "timeout"
-    if isinstance(exc, (ManifestMismatchError, WireFormatError, VersionAbortedError)):
-        return "rejected"
-    return "error"
 
 
 class _Timed:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class HostBuffer:
         self.mem = memoryview(self.mm)
         self.tag: object = None  # per-transport cache (e.g. a torch tensor over the same memory)
         self.busy: Optional[Callable[[], bool]] = None  # "a transfer may still write/read me"
+
+
+def numpy_view(buf: HostBuffer) -> Any:
+    """A uint8 numpy array over ``buf`` (cached in ``buf.tag``), for libraries that send from arrays."""
+    if buf.tag is None:
+        import numpy as np
+
+        buf.tag = np.frombuffer(buf.mem, dtype=np.uint8)
+    return buf.tag
 
 
 def size_class(nbytes: int, bucket_bytes: int) -> int:

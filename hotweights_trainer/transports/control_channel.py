@@ -8,6 +8,7 @@ JSON messages of :mod:`hotweights_trainer.wire.messages`; every socket operation
 
 from __future__ import annotations
 
+import collections
 import logging
 import selectors
 import socket
@@ -312,6 +313,12 @@ class ServedPublisher(PublisherTransport):
         if self._server is not None:
             self._server.drop(rid, reason)
 
+    def _on_tx_message(self, rid: str, msg: dict[str, Any]) -> None:
+        """A transport message from a receiver (``op: tx``); none by default, so ignored."""
+
+    def _on_tick(self) -> None:
+        """Periodic transport bookkeeping on the control thread (nothing by default)."""
+
 
 class ClientReceiver(ReceiverTransport):
     """Receiver transports that reach their publisher through a :class:`ControlClient`
@@ -332,3 +339,95 @@ class ClientReceiver(ReceiverTransport):
 
     def release_staged(self, version: int) -> None:
         """The engine is done with ``version``: free the buffers this transport staged it in."""
+
+
+class ServedHooks:
+    """Between the control server and the engine of a :class:`ServedPublisher`: the transport's own
+    bookkeeping first (``tx._on_join`` may refuse a receiver; ``tx._on_tx_message`` takes the
+    transport messages, ``op: tx``; ``tx._on_lost``, ``tx._on_tick``), then the engine."""
+
+    def __init__(self, tx: Any, engine: PublisherHandler):
+        self._tx = tx
+        self._engine = engine
+
+    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
+        if self._tx._on_join(rid, hello):
+            self._call(self._engine.on_join, rid, hello)
+
+    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
+        if msg["op"] == "tx":
+            self._tx._on_tx_message(rid, msg)
+        else:
+            self._call(self._engine.on_message, rid, msg)
+
+    def on_lost(self, rid: str, reason: str) -> None:
+        self._tx._on_lost(rid)
+        self._call(self._engine.on_lost, rid, reason)
+
+    def on_tick(self) -> None:
+        self._tx._on_tick()
+        self._call(self._engine.on_tick)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        fn(*args)
+
+    def stop(self, timeout: float) -> None:
+        """Nothing runs beside the control thread here."""
+
+
+class DispatchedHooks(ServedHooks):
+    """:class:`ServedHooks` whose engine callbacks run, in arrival order, on a dispatcher thread.
+
+    For transports whose ``post`` waits, under the engine's lock, for something that messages read
+    on the control thread release (acks freeing window slots): the control thread then never calls
+    into the engine itself, while the transport's own bookkeeping still runs inline.
+    """
+
+    def __init__(self, tx: Any, engine: PublisherHandler, name: str):
+        super().__init__(tx, engine)
+        self._queue: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
+        self._cond = threading.Condition()
+        self._tick_queued = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"hotweights-engine-{name}", daemon=True)
+        self._thread.start()
+
+    def on_tick(self) -> None:
+        self._tx._on_tick()
+        with self._cond:
+            if self._tick_queued:
+                return  # the engine is busy; one pending tick is enough
+            self._tick_queued = True
+        self._call(self._tick)
+
+    def _tick(self) -> None:
+        with self._cond:
+            self._tick_queued = False
+        self._engine.on_tick()
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._queue.append((fn, args))
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped:
+                    self._cond.wait(0.5)
+                if not self._queue:
+                    return
+                fn, args = self._queue.popleft()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - logged with traceback; the dispatcher must keep serving
+                log.exception("publisher handler %s failed", getattr(fn, "__name__", fn))

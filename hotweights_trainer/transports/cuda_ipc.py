@@ -48,7 +48,6 @@ same measurements (:mod:`hotweights_trainer.gpu.congestion`).
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import socket
@@ -72,7 +71,7 @@ from ..gpu.topology import PathUsage, probe
 from ..wire.bucket import ENC_DENSE, FLAG_DEVICE, seal_header, write_header
 from ..wire.packer import PlannedBucket
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
-from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
+from .control_channel import ClientReceiver, ControlClient, ControlServer, DispatchedHooks, ServedPublisher
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .shm import _pid_alive, control_address
@@ -145,7 +144,7 @@ class CudaIpcPublisher(ServedPublisher):
         self._lock = threading.RLock()
         self._seq = 0
         self._server: Optional[ControlServer] = None
-        self._hooks: Optional[_PublisherHooks] = None
+        self._hooks: Optional[DispatchedHooks] = None
         self._closed = False
         self._collect = False
 
@@ -161,7 +160,7 @@ class CudaIpcPublisher(ServedPublisher):
                     f"another publisher already serves {self.endpoint}; use another name or close it") from None
             raise
         sock.listen(128)
-        self._hooks = _PublisherHooks(self, handler)
+        self._hooks = DispatchedHooks(self, handler, f"ipc-{self.endpoint.name}")
         self._server = ControlServer(sock, handler=self._hooks, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
         self._server.start()
@@ -301,6 +300,15 @@ class CudaIpcPublisher(ServedPublisher):
         else:
             self._meter.refresh()
 
+    def _on_tx_message(self, rid: str, msg: dict[str, Any]) -> None:
+        if msg["kind"] == "ipc_ack":
+            self._on_ack(rid, msg)
+        elif msg["kind"] == "ipc_bye":
+            self._on_bye(rid)
+
+    def _on_tick(self) -> None:
+        self._sweep()
+
     def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
         tx = hello.get("tx") if isinstance(hello.get("tx"), dict) else {}
         if tx.get("transport") != "cuda_ipc":
@@ -368,84 +376,6 @@ class CudaIpcPublisher(ServedPublisher):
         if collect:
             self._memory.collect()
         self._meter.refresh()
-
-
-class _PublisherHooks:
-    """Between the control server and the engine: transport bookkeeping first, then the engine.
-
-    The engine holds its lock while ``post`` waits for window slots, and those slots are freed by
-    receiver acks read on the control thread. So the control thread never calls into the engine
-    itself: engine callbacks run, in arrival order, on a dispatcher thread of their own, while acks,
-    joins and losses update the transport inline.
-    """
-
-    def __init__(self, tx: CudaIpcPublisher, engine: PublisherHandler):
-        self._tx = tx
-        self._engine = engine
-        self._queue: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
-        self._cond = threading.Condition()
-        self._tick_queued = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"hotweights-ipc-engine-{tx.endpoint.name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
-        if self._tx._on_join(rid, hello):
-            self._defer(self._engine.on_join, rid, hello)
-
-    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
-        if msg["op"] == "tx":
-            if msg["kind"] == "ipc_ack":
-                self._tx._on_ack(rid, msg)
-            elif msg["kind"] == "ipc_bye":
-                self._tx._on_bye(rid)
-            return
-        self._defer(self._engine.on_message, rid, msg)
-
-    def on_lost(self, rid: str, reason: str) -> None:
-        self._tx._on_lost(rid)
-        self._defer(self._engine.on_lost, rid, reason)
-
-    def on_tick(self) -> None:
-        self._tx._sweep()
-        with self._cond:
-            if self._tick_queued:
-                return  # the engine is busy; one pending tick is enough
-            self._tick_queued = True
-        self._defer(self._tick)
-
-    def _tick(self) -> None:
-        with self._cond:
-            self._tick_queued = False
-        self._engine.on_tick()
-
-    def _defer(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            self._queue.append((fn, args))
-            self._cond.notify()
-
-    def stop(self, timeout: float) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopped:
-                    self._cond.wait(0.5)
-                if not self._queue:
-                    return
-                fn, args = self._queue.popleft()
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - logged with traceback; the dispatcher must keep serving
-                log.exception("publisher handler %s failed", getattr(fn, "__name__", fn))
 
 
 def _int(msg: dict[str, Any], key: str) -> int:

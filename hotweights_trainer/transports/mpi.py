@@ -44,7 +44,7 @@ from ..wire import messages
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, PublisherTransport, ReceiverHandler,
                    ReceiverTransport, TransportStats)
-from .buffers import HostBuffer, HostBufferPool, ReceivePool
+from .buffers import HostBufferPool, ReceivePool, numpy_view
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -59,14 +59,6 @@ _GROUPS_KEPT = 3
 def _check_endpoint(endpoint: Endpoint) -> None:
     if endpoint.scheme != "mpi":
         raise EndpointError(f"the mpi transport needs the mpi:// endpoint, got {endpoint}")
-
-
-def _numpy_view(buf: HostBuffer) -> Any:
-    if buf.tag is None:
-        import numpy as np
-
-        buf.tag = np.frombuffer(buf.mem, dtype=np.uint8)
-    return buf.tag
 
 
 @dataclass
@@ -171,7 +163,7 @@ class MpiPublisher(PublisherTransport):
         group = self._group_for(ranks)
         self._gate.acquire(n)
         flight = _Flight(n, time.perf_counter(), EventPending(), group)
-        arr = _numpy_view(buf.owner)
+        arr = numpy_view(buf.owner)
         parts = tcp.chunks(n, self._chunk)
         flight.pending = EventPending(len(parts), on_done=lambda _p: self._settle(flight))
         msg = {"op": "bucket", "version": version, "index": index, "handle": f"mpi:{group.epoch}", "offset": 0,
@@ -485,7 +477,7 @@ class MpiReceiver(ReceiverTransport):
             self._delivery.bucket(version, index, memoryview(b""), pending)
             return
         hbuf = self._pool.lend(version, length)
-        arr = _numpy_view(hbuf)
+        arr = numpy_view(hbuf)
         parts = tcp.chunks(length, chunk)
         pending = EventPending(len(parts), on_done=self._bucket_done)
         hbuf.busy = lambda: not pending.done()

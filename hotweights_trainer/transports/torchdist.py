@@ -53,11 +53,12 @@ from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
-from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedHooks, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .torch_backends import device_for, local_backends, make_group, pick_backend, usable
+from .torch_collectives import DeviceStager, broadcast, host_tensor, retire_pg, run_autotune, watch
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -77,71 +78,6 @@ def _check_endpoint(endpoint: Endpoint) -> None:
         raise EndpointError(f"the torch transport needs a tcp://HOST:PORT endpoint, got {endpoint}")
 
 
-def _tensor(buf: HostBuffer):
-    """A uint8 tensor over a host buffer's memory (cached on the buffer)."""
-    if buf.tag is None:
-        import warnings
-
-        import torch
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            buf.tag = torch.frombuffer(buf.mem, dtype=torch.uint8)
-    return buf.tag
-
-
-def _broadcast(pg: Any, tensor: Any) -> Any:
-    import torch.distributed as dist
-
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return pg.broadcast([tensor], opts)
-
-
-def _watch(work: Any, pending: EventPending) -> None:
-    """Finish one part of ``pending`` when ``work`` completes (on the backend's thread)."""
-
-    def done(fut: Any) -> None:
-        try:
-            fut.value()
-        except Exception as exc:  # noqa: BLE001 - the backend's error becomes the bucket's failure
-            pending.finish(exc)
-            return
-        pending.finish()
-
-    work.get_future().add_done_callback(done)
-
-
-class _DeviceStager:
-    """Chunks through device memory for nccl/ccl groups (synchronous per chunk)."""
-
-    def __init__(self, device: str, chunk: int):  # pragma: no cover - needs a GPU or XPU
-        import torch
-
-        self.device = device
-        self.scratch = torch.empty(chunk, dtype=torch.uint8, device=device)
-
-    def receive_into(self, pg: Any, dev: Any, host: Any, length: int, chunk: int) -> None:  # pragma: no cover
-        """Receiver side: broadcast straight into ``dev`` and copy each chunk to ``host`` for verification."""
-        for off, size in tcp.chunks(length, chunk):
-            _broadcast(pg, dev[off:off + size]).wait()
-            host[off:off + size].copy_(dev[off:off + size])
-
-    def run(self, pg: Any, host: Any, length: int, chunk: int, root: bool) -> None:  # pragma: no cover
-        import torch
-
-        if self.scratch.numel() < chunk:
-            self.scratch = torch.empty(chunk, dtype=torch.uint8, device=self.device)
-        for off, size in tcp.chunks(length, chunk):
-            dev = self.scratch[:size]
-            if root:
-                dev.copy_(host[off:off + size])
-            _broadcast(pg, dev).wait()
-            if not root:
-                host[off:off + size].copy_(dev)
-
-
 @dataclass
 class _Group:
     epoch: int
@@ -149,7 +85,7 @@ class _Group:
     pg: Any
     backend: str
     broken: Optional[str] = None
-    stager: Optional[_DeviceStager] = None
+    stager: Optional[DeviceStager] = None
 
 
 @dataclass
@@ -161,14 +97,6 @@ class _Flight:
     buf: HostBuffer
     version: int = 0
     settled: bool = False
-
-
-def _retire_pg(pg: Any) -> None:
-    """Abort a process group: pending work on it fails at once instead of waiting for its timeout."""
-    try:
-        pg.abort()
-    except Exception as exc:  # noqa: BLE001 - best effort teardown; the group is unusable anyway
-        log.debug("aborting a process group failed: %s", exc)
 
 
 class TorchPublisher(ServedPublisher):
@@ -218,7 +146,7 @@ class TorchPublisher(ServedPublisher):
         except Exception as exc:  # noqa: BLE001 - any store failure means we cannot serve; say why
             sock.close()
             raise TransportUnavailableError(f"torch transport: cannot host a TCPStore on {store_host}: {exc}") from exc
-        self._server = ControlServer(sock, handler=_PublisherHooks(self, handler), timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, handler=ServedHooks(self, handler), timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=str(self.endpoint.port))
         self._server.start()
         log.info("torch transport listening on %s (store port %d, chunk %d MiB, prefetch %s, backends here: %s)",
@@ -236,7 +164,7 @@ class TorchPublisher(ServedPublisher):
             self._server.close()
             self._server = None
         for g in groups:
-            _retire_pg(g.pg)
+            retire_pg(g.pg)
         if self._device_pool is not None:
             self._device_pool.shutdown(wait=False)
         self._pool.clear()
@@ -279,13 +207,13 @@ class TorchPublisher(ServedPublisher):
 
     def _start_broadcast(self, flight: _Flight, hbuf: HostBuffer, n: int) -> None:
         group = flight.group
-        tensor = _tensor(hbuf)
+        tensor = host_tensor(hbuf)
         parts = tcp.chunks(n, self._chunk)
         settle = lambda _p, f=flight: self._settle(f)  # noqa: E731 - runs on the backend's thread
         if group.stager is None:
             flight.pending = EventPending(len(parts), on_done=settle)
             for off, size in parts:
-                _watch(_broadcast(group.pg, tensor[off:off + size]), flight.pending)
+                watch(broadcast(group.pg, tensor[off:off + size]), flight.pending)
         else:  # pragma: no cover - device backends need a GPU/XPU
             flight.pending = EventPending(1, on_done=settle)
             if self._device_pool is None:
@@ -398,7 +326,7 @@ class TorchPublisher(ServedPublisher):
                                 f"{self.config.timeout_s:.1f}s: {str(exc).splitlines()[0][:300]}") from None
         group = _Group(epoch, key, pg, backend)
         if backend != "gloo":  # pragma: no cover - needs a GPU/XPU
-            group.stager = _DeviceStager(device_for(backend), self._chunk)
+            group.stager = DeviceStager(device_for(backend), self._chunk)
         log.info("torch transport: formed %s group %d with %d receiver(s) in %.0f ms", backend, epoch, len(key),
                  (time.perf_counter() - t0) * 1e3)
         if autotune:
@@ -420,7 +348,7 @@ class TorchPublisher(ServedPublisher):
 
     def _retire(self, group: _Group) -> None:
         self.send(group.rids, {"op": "tx", "kind": "ungroup", "epoch": group.epoch})
-        _retire_pg(group.pg)
+        retire_pg(group.pg)
 
     # ---------------------------------------------------------------- control hooks
     def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
@@ -436,6 +364,9 @@ class TorchPublisher(ServedPublisher):
         self._caps[rid] = caps
         return True
 
+    def _on_tick(self) -> None:
+        self._reap()
+
     def _on_lost(self, rid: str) -> None:
         self._caps.pop(rid, None)
         with self._lock:
@@ -444,63 +375,6 @@ class TorchPublisher(ServedPublisher):
                     self._groups.pop(key)
                     self._break(g, f"receiver {rid} left")
                     self._retire(g)
-
-
-class _PublisherHooks:
-    """Sits between the control server and the engine: transport bookkeeping first, then the engine."""
-
-    def __init__(self, tx: Any, engine: PublisherHandler):
-        self._tx = tx
-        self._engine = engine
-
-    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
-        if self._tx._on_join(rid, hello):
-            self._engine.on_join(rid, hello)
-
-    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
-        if msg["op"] == "tx":
-            return  # receivers send no transport messages to this publisher; ignore unknown ones
-        self._engine.on_message(rid, msg)
-
-    def on_lost(self, rid: str, reason: str) -> None:
-        self._tx._on_lost(rid)
-        self._engine.on_lost(rid, reason)
-
-    def on_tick(self) -> None:
-        self._tx._reap()
-        self._engine.on_tick()
-
-
-def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[_DeviceStager] = None) -> int:
-    """Broadcast ``spec['mb']`` MiB in each candidate chunk size; returns the fastest chunk in bytes.
-
-    Every member calls it with the same ``spec`` (the publisher sends it in ``tx/group``). Each
-    candidate ends with an all-reduce so the root's clock covers the slowest receiver.
-    """
-    import torch
-
-    total = int(spec["mb"]) << 20
-    candidates = [int(c) << 20 for c in spec["chunks_mb"]]
-    scratch = _tensor(HostBuffer(total))
-    token = torch.zeros(1)
-    table = []
-    for chunk in candidates:
-        t0 = time.perf_counter()
-        if stager is None:
-            works = [_broadcast(pg, scratch[off:off + size]) for off, size in tcp.chunks(total, chunk)]
-            for w in works:
-                w.wait()
-        else:  # pragma: no cover - device backends
-            stager.run(pg, scratch, total, chunk, root)
-        pg.allreduce([token]).wait()
-        dt = time.perf_counter() - t0
-        table.append((chunk, dt))
-    best = min(table, key=lambda r: r[1])[0]
-    if root:
-        lines = [f"  chunk {c >> 20:>5} MiB: {total / dt / 1e9:6.2f} GB/s{'  <- chosen' if c == best else ''}"
-                 for c, dt in table]
-        log.info("broadcast autotune over %d MiB:\n%s", total >> 20, "\n".join(lines))
-    return best
 
 
 class TorchReceiver(ClientReceiver):
@@ -549,7 +423,7 @@ class TorchReceiver(ClientReceiver):
         if self._delivery is not None:
             self._delivery.close()
         for g in self._groups.values():
-            _retire_pg(g.pg)
+            retire_pg(g.pg)
         self._groups.clear()
         self._store = None
 
@@ -565,7 +439,7 @@ class TorchReceiver(ClientReceiver):
                 elif kind == "ungroup":
                     g = self._groups.pop(tcp.field(msg, "epoch", int, minimum=0), None)
                     if g is not None:
-                        _retire_pg(g.pg)
+                        retire_pg(g.pg)
                 return
             if op == "bucket":
                 self._recv_bucket(msg)
@@ -609,7 +483,7 @@ class TorchReceiver(ClientReceiver):
             return
         group = _Group(epoch, (), pg, backend)
         if backend != "gloo":  # pragma: no cover - needs a GPU/XPU
-            group.stager = _DeviceStager(device_for(backend), 32 << 20)
+            group.stager = DeviceStager(device_for(backend), 32 << 20)
         self._groups[epoch] = group
         log.debug("joined %s broadcast group %d as rank %d of %d", backend, epoch, rank, size)
         if autotune is not None:
@@ -632,13 +506,13 @@ class TorchReceiver(ClientReceiver):
             return
         version, index = msg["version"], msg["index"]
         hbuf = self._pool.lend(version, length)
-        tensor = _tensor(hbuf)
+        tensor = host_tensor(hbuf)
         parts = tcp.chunks(length, chunk)
         if group.stager is None:
             pending = EventPending(len(parts))
             try:
                 for off, size in parts:
-                    _watch(_broadcast(group.pg, tensor[off:off + size]), pending)
+                    watch(broadcast(group.pg, tensor[off:off + size]), pending)
             except Exception as exc:  # noqa: BLE001 - a dead group raises at once; fail this bucket
                 pending = EventPending(1)
                 pending.finish(exc)
@@ -694,7 +568,7 @@ class TorchReceiver(ClientReceiver):
 
     def _on_lost(self, reason: str) -> None:
         for g in self._groups.values():
-            _retire_pg(g.pg)
+            retire_pg(g.pg)
         self._groups.clear()
         self._store = None
         if self._delivery is not None:

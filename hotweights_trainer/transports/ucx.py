@@ -30,8 +30,8 @@ from ..config import SyncConfig
 from ..errors import EndpointError, PeerLostError, WireFormatError
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
-from .buffers import HostBuffer, HostBufferPool, ReceivePool
-from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
+from .buffers import HostBufferPool, ReceivePool, numpy_view
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedHooks, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -48,14 +48,6 @@ _SALT_BITS = 64 - _SEQ_BITS - _CHUNK_BITS
 def _check_endpoint(endpoint: Endpoint) -> None:
     if endpoint.scheme != "tcp":
         raise EndpointError(f"the ucx transport needs a tcp://HOST:PORT endpoint, got {endpoint}")
-
-
-def _numpy_view(buf: HostBuffer) -> Any:
-    if buf.tag is None:
-        import numpy as np
-
-        buf.tag = np.frombuffer(buf.mem, dtype=np.uint8)
-    return buf.tag
 
 
 @dataclass
@@ -121,7 +113,7 @@ class UcxPublisher(ServedPublisher):
 
     def start(self, handler: PublisherHandler) -> None:
         sock = tcp.listen(self.endpoint)
-        self._server = ControlServer(sock, handler=_Hooks(self, handler), timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, handler=ServedHooks(self, handler), timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=str(self.endpoint.port))
         self._pump.start()
         self._server.start()
@@ -161,7 +153,7 @@ class UcxPublisher(ServedPublisher):
         self._gate.acquire(n)
         flight = _Flight(n, time.perf_counter(), EventPending())
         flight.pending = EventPending(len(parts) * len(peers), on_done=lambda _p: self._settle(flight))
-        arr = _numpy_view(buf.owner)
+        arr = numpy_view(buf.owner)
         for peer in peers:
             with self._lock:
                 peer.seq = (peer.seq + 1) % (1 << _SEQ_BITS)
@@ -316,6 +308,9 @@ class UcxPublisher(ServedPublisher):
             self._peers[rid] = _Peer(rid, host, port, ep, secrets.randbits(_SALT_BITS))
         return True
 
+    def _on_tick(self) -> None:
+        self._meter.refresh()
+
     def _on_lost(self, rid: str) -> None:
         with self._lock:
             peer = self._peers.pop(rid, None)
@@ -326,28 +321,6 @@ class UcxPublisher(ServedPublisher):
                 self._graveyard.append((peer.ep, [s.req for s in peer.active if s.req is not None]))
         if peer is not None:
             self._fail_peer(peer, "disconnected")
-
-
-class _Hooks:
-    def __init__(self, tx: UcxPublisher, engine: PublisherHandler):
-        self._tx = tx
-        self._engine = engine
-
-    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
-        if self._tx._on_join(rid, hello):
-            self._engine.on_join(rid, hello)
-
-    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
-        if msg["op"] != "tx":
-            self._engine.on_message(rid, msg)
-
-    def on_lost(self, rid: str, reason: str) -> None:
-        self._tx._on_lost(rid)
-        self._engine.on_lost(rid, reason)
-
-    def on_tick(self) -> None:
-        self._tx._meter.refresh()
-        self._engine.on_tick()
 
 
 class _PolledPending:
@@ -449,7 +422,7 @@ class UcxReceiver(ClientReceiver):
         if len(parts) > 1 << _CHUNK_BITS or base & ((1 << _CHUNK_BITS) - 1):
             raise WireFormatError(f"bucket tag {base:#x} / {len(parts)} chunks do not fit the tag layout")
         hbuf = self._pool.lend(msg["version"], length)
-        arr = _numpy_view(hbuf)
+        arr = numpy_view(hbuf)
         reqs = [self._backend.recv(arr[off:off + size], base + k) for k, (off, size) in enumerate(parts)]
         pending = _PolledPending(self._backend, reqs)
         hbuf.busy = lambda: not pending.done()

@@ -1,0 +1,98 @@
+"""What the publisher engine records per version and per receiver, and what a publish returns.
+
+:class:`PublishResult` is public (``hotweights_trainer.PublishResult``); the records and the two
+helpers that turn a version's outcome into an error or an abort kind are the engine's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .delta.encoder import DeltaStats
+from .errors import (CorruptBucketError, HotweightsError, ManifestMismatchError, SyncTimeoutError,
+                     VersionAbortedError, WireFormatError)
+from .transports.base import BucketBuffer
+
+
+@dataclass
+class PublishResult:
+    """What one ``publish`` did. All numbers are measured."""
+
+    version: int
+    bytes_sent: int
+    tensors_sent: int
+    seconds: float
+    buckets: int = 0
+    receivers: int = 0
+    dense_bytes: int = 0
+    step: Optional[int] = None
+    phases: dict[str, float] = field(default_factory=dict)
+    delta: Optional[DeltaStats] = None
+    """Delta-sync numbers of this version (changed elements, payload vs dense bytes); None when off."""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_sent / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class VersionRecord:
+    """The publisher's record of one version: who it goes to, its buffers, and how it is going."""
+
+    version: int
+    step: Optional[int]
+    quorum: set[str] = field(default_factory=set)
+    buffers: list[BucketBuffer] = field(default_factory=list)
+    end: Optional[dict[str, Any]] = None
+    handles: set[str] = field(default_factory=set)  # keys posted to the coordinator, not yet released
+    expired: set[int] = field(default_factory=set)  # bucket indices whose handle expired: free, don't reuse
+    staged: set[str] = field(default_factory=set)
+    nacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    catchup: dict[str, float] = field(default_factory=dict)  # rid -> deadline
+    decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
+    error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
+    state: str = "sending"  # sending -> waiting -> committed | aborted
+
+
+@dataclass
+class ReceiverRecord:
+    """A connected receiver as the publisher knows it."""
+
+    rid: str
+    pid: int
+    live_version: int
+    joined: float
+
+
+# Errors a receiver may report in a nack, re-raised on the trainer with their own type.
+_NACK_TYPES: dict[str, type[HotweightsError]] = {
+    "ManifestMismatchError": ManifestMismatchError,
+    "CorruptBucketError": CorruptBucketError,
+    "WireFormatError": WireFormatError,
+}
+
+
+def nack_error(version: int, nacks: dict[str, dict[str, Any]]) -> HotweightsError:
+    """The error a rejected version raises on the trainer: the first receiver's, with its own type."""
+    rid, nack = sorted(nacks.items())[0]
+    etype = _NACK_TYPES.get(nack.get("error", ""))
+    problems = nack.get("problems")
+    if etype is ManifestMismatchError and isinstance(problems, dict):
+        return ManifestMismatchError({str(k): str(v) for k, v in problems.items()})
+    if etype is not None and etype is not ManifestMismatchError:
+        return etype(f"receiver {rid} rejected version {version}: {nack['message']}")
+    return VersionAbortedError(version, "rejected by receivers",
+                               [f"{r}: {n.get('error')}: {n['message']}" for r, n in nacks.items()])
+
+
+def abort_kind(exc: BaseException) -> str:
+    """How an exception that ended a publish is reported to receivers and metrics."""
+    if isinstance(exc, SyncTimeoutError):
+        return "timeout"
+    if isinstance(exc, (ManifestMismatchError, WireFormatError, VersionAbortedError)):
+        return "rejected"
+    return "error"
+
+
+__all__ = ["PublishResult", "ReceiverRecord", "VersionRecord", "abort_kind", "nack_error"]

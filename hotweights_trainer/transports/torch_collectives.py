@@ -1,0 +1,126 @@
+"""Collective plumbing of the ``torch`` transport, the same on both sides of a broadcast group.
+
+Host buffers as uint8 tensors, one chunk's broadcast from rank 0 and completion callbacks that feed
+an :class:`~.delivery.EventPending`, the chunk stager through device memory for nccl/ccl groups,
+retiring a group, and the broadcast autotune every member runs with the same candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from . import tcp
+from .buffers import HostBuffer
+from .delivery import EventPending
+
+log = logging.getLogger("hotweights_trainer.transports.torchdist")
+
+
+def host_tensor(buf: HostBuffer):
+    """A uint8 tensor over a host buffer's memory (cached on the buffer)."""
+    if buf.tag is None:
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            buf.tag = torch.frombuffer(buf.mem, dtype=torch.uint8)
+    return buf.tag
+
+
+def broadcast(pg: Any, tensor: Any) -> Any:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    return pg.broadcast([tensor], opts)
+
+
+def watch(work: Any, pending: EventPending) -> None:
+    """Finish one part of ``pending`` when ``work`` completes (on the backend's thread)."""
+
+    def done(fut: Any) -> None:
+        try:
+            fut.value()
+        except Exception as exc:  # noqa: BLE001 - the backend's error becomes the bucket's failure
+            pending.finish(exc)
+            return
+        pending.finish()
+
+    work.get_future().add_done_callback(done)
+
+
+class DeviceStager:
+    """Chunks through device memory for nccl/ccl groups (synchronous per chunk)."""
+
+    def __init__(self, device: str, chunk: int):  # pragma: no cover - needs a GPU or XPU
+        import torch
+
+        self.device = device
+        self.scratch = torch.empty(chunk, dtype=torch.uint8, device=device)
+
+    def receive_into(self, pg: Any, dev: Any, host: Any, length: int, chunk: int) -> None:  # pragma: no cover
+        """Receiver side: broadcast straight into ``dev`` and copy each chunk to ``host`` for verification."""
+        for off, size in tcp.chunks(length, chunk):
+            broadcast(pg, dev[off:off + size]).wait()
+            host[off:off + size].copy_(dev[off:off + size])
+
+    def run(self, pg: Any, host: Any, length: int, chunk: int, root: bool) -> None:  # pragma: no cover
+        import torch
+
+        if self.scratch.numel() < chunk:
+            self.scratch = torch.empty(chunk, dtype=torch.uint8, device=self.device)
+        for off, size in tcp.chunks(length, chunk):
+            dev = self.scratch[:size]
+            if root:
+                dev.copy_(host[off:off + size])
+            broadcast(pg, dev).wait()
+            if not root:
+                host[off:off + size].copy_(dev)
+
+
+def retire_pg(pg: Any) -> None:
+    """Abort a process group: pending work on it fails at once instead of waiting for its timeout."""
+    try:
+        pg.abort()
+    except Exception as exc:  # noqa: BLE001 - best effort teardown; the group is unusable anyway
+        log.debug("aborting a process group failed: %s", exc)
+
+
+def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[DeviceStager] = None) -> int:
+    """Broadcast ``spec['mb']`` MiB in each candidate chunk size; returns the fastest chunk in bytes.
+
+    Every member calls it with the same ``spec`` (the publisher sends it in ``tx/group``). Each
+    candidate ends with an all-reduce so the root's clock covers the slowest receiver.
+    """
+    import torch
+
+    total = int(spec["mb"]) << 20
+    candidates = [int(c) << 20 for c in spec["chunks_mb"]]
+    scratch = host_tensor(HostBuffer(total))
+    token = torch.zeros(1)
+    table = []
+    for chunk in candidates:
+        t0 = time.perf_counter()
+        if stager is None:
+            works = [broadcast(pg, scratch[off:off + size]) for off, size in tcp.chunks(total, chunk)]
+            for w in works:
+                w.wait()
+        else:  # pragma: no cover - device backends
+            stager.run(pg, scratch, total, chunk, root)
+        pg.allreduce([token]).wait()
+        dt = time.perf_counter() - t0
+        table.append((chunk, dt))
+    best = min(table, key=lambda r: r[1])[0]
+    if root:
+        lines = [f"  chunk {c >> 20:>5} MiB: {total / dt / 1e9:6.2f} GB/s{'  <- chosen' if c == best else ''}"
+                 for c, dt in table]
+        log.info("broadcast autotune over %d MiB:\n%s", total >> 20, "\n".join(lines))
+    return best
+
+
+__all__ = ["DeviceStager", "broadcast", "host_tensor", "retire_pg", "run_autotune", "watch"]
