@@ -124,11 +124,7 @@ class WeightReceiver:
             staged, self._pending = self._pending, None
         if staged is None:
             return None
-        try:
-            self._apply(staged)
-        finally:
-            self._release(staged)
-        return staged.version
+        return self.apply_taken(staged)
 
     def wait_for_version(self, min_version: int = 1, timeout: Optional[float] = None) -> int:
         """Block until a committed version >= ``min_version`` is applied; returns the live version.
@@ -150,12 +146,77 @@ class WeightReceiver:
                     if left <= 0:
                         break
                     self._cond.wait(min(left, 0.5))
+        self._raise_timeout(min_version, limit)
+
+    def _raise_timeout(self, min_version: int, limit: float) -> None:
         if self._lost_reason is not None and not self._tx.connected:
             raise PeerLostError(f"publisher of {self.endpoint} went away ({self._lost_reason}) and did not "
                                 f"come back within {limit:.1f}s; live version is {self._live_version}")
         state = "connected" if self._tx.connected else "never connected" if not self._ever_connected else "not connected"
         raise SyncTimeoutError(f"no version >= {min_version} from {self.endpoint} within {limit:.1f}s "
                                f"({state}; live version {self._live_version})")
+
+    # ---------------------------------------------------------------- two-step apply (engines with several ranks)
+    @property
+    def pending_version(self) -> Optional[int]:
+        """The committed version waiting for :meth:`poll`, or None."""
+        with self._lock:
+            return self._pending.version if self._pending is not None else None
+
+    def wait_for_pending(self, min_version: int, timeout: Optional[float] = None) -> int:
+        """Block until a committed version >= ``min_version`` is staged and waiting, without applying it.
+
+        Returns that version, or the live version when it already is >= ``min_version`` and nothing
+        newer waits. Raises the error of a version this receiver rejected, :class:`SyncTimeoutError`
+        after ``timeout`` (default ``config.timeout_s``), or :class:`PeerLostError`, like
+        :meth:`wait_for_version`.
+        """
+        limit = self.config.timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            self._raise_pending_error()
+            with self._cond:
+                if self._closed:
+                    raise ClosedError(f"receiver on {self.endpoint} is closed")
+                if self._pending is not None and self._pending.version >= min_version:
+                    return self._pending.version
+                if self._pending is None and self._live_version >= min_version:
+                    return self._live_version
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not self._errors:
+                    self._cond.wait(min(left, 0.5))
+        self._raise_timeout(min_version, limit)
+
+    def take_pending(self, version: int) -> Optional[StagedVersion]:
+        """Take the waiting version if it is exactly ``version``: a newer commit can no longer replace it.
+
+        Hand it back with :meth:`apply_taken` or :meth:`return_taken`. Returns None when another
+        version (or none) is waiting.
+        """
+        with self._lock:
+            if self._pending is None or self._pending.version != version:
+                return None
+            staged, self._pending = self._pending, None
+            return staged
+
+    def apply_taken(self, staged: StagedVersion) -> int:
+        """Apply a version taken with :meth:`take_pending`; returns its number."""
+        try:
+            self._apply(staged)
+        finally:
+            self._release(staged)
+        return staged.version
+
+    def return_taken(self, staged: StagedVersion) -> None:
+        """Give back a version taken with :meth:`take_pending` unapplied (released if a newer one waits)."""
+        with self._lock:
+            if self._pending is None and not self._closed:
+                self._pending = staged
+                self._cond.notify_all()
+                return
+        self._release(staged)
 
     def close(self) -> None:
         with self._lock:
