@@ -80,6 +80,17 @@ class VersionAbortedError(HotweightsError):
         super().__init__(f"version {version} aborted: {reason}{detail}")
 
 
+class InferenceUpdateError(HotweightsError, RuntimeError):
+    """An inference engine (vLLM) failed to apply a committed version; it stays on its previous weights.
+
+    ``version`` is the version it was asked to apply; the engine's own error is the ``__cause__``.
+    """
+
+    def __init__(self, version: int, message: str):
+        self.version = version
+        super().__init__(message)
+
+
 class TransportUnavailableError(HotweightsError, RuntimeError):
     """A transport was requested that cannot run here (missing library, no device, ...)."""
 

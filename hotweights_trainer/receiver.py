@@ -29,7 +29,7 @@ from .errors import (AuthError, ClosedError, HotweightsError, ManifestMismatchEr
                      SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
-from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver
+from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver, required_groups
 from .transports import create_receiver_transport, parse_endpoint
 from .gpu.bucket import decode_received
 
@@ -48,12 +48,14 @@ class WeightReceiver:
     the call. With both, ``model`` is used to check the manifest and ``apply`` to load.
     ``kv_policy`` (default ``config.kv_policy``): what happens to the KV caches registered in
     ``self.kv`` (a :class:`~hotweights_trainer.kv.KVRegistry`, or ``kv_registry``) at each version.
+    ``require_complete``: reject (nack) a version that leaves out any tensor of ``model``, for loaders
+    that cannot take part of a model (vLLM's fused layers).
     """
 
     def __init__(self, endpoint: str, *, model: Optional[torch.nn.Module] = None,
                  apply: Optional[ApplyFn] = None, config: Optional[SyncConfig] = None,
                  name_map: NameMap = None, kv_policy: "str | KVPolicy | None" = None,
-                 kv_registry: Optional[KVRegistry] = None):
+                 kv_registry: Optional[KVRegistry] = None, require_complete: bool = False):
         if model is None and apply is None:
             raise HotweightsError("WeightReceiver needs a model to update or an apply callable")
         self.config = config if config is not None else SyncConfig.from_env()
@@ -64,6 +66,7 @@ class WeightReceiver:
         targets = build_targets(model) if model is not None else None
         self._resolve = make_resolver(targets, name_map)
         self._check = targets is not None
+        self._required = required_groups(targets) if (require_complete and targets is not None) else []
         self.receiver_id = f"{socket.gethostname()}:{os.getpid()}:{next(_ids)}"
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -382,6 +385,11 @@ class WeightReceiver:
             return
         err = self._staging_error
         if err is None:
+            if self._required:
+                sent = {self._resolve(wire)[0] for wire in st.shapes}
+                for names in self._required:
+                    if sent.isdisjoint(names):
+                        st.problems[names[0]] = "missing from the version (this receiver needs every tensor)"
             try:
                 st.finalize(msg["n_buckets"], msg["digest"])
             except HotweightsError as exc:

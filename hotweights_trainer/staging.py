@@ -36,6 +36,14 @@ def build_targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return targets
 
 
+def required_groups(targets: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The model's tensors as lists of the names each one has (a tied tensor has several)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in targets.items():
+        by_tensor.setdefault(id(t), []).append(name)
+    return list(by_tensor.values())
+
+
 def entry_problem(entry: Entry, target: Optional[torch.Tensor]) -> Optional[str]:
     if target is None:
         return "not in the receiver's model (unknown name)"

