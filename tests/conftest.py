@@ -27,6 +27,7 @@ _PROBES = {
     "deepspeed": lambda: importlib.util.find_spec("deepspeed") is not None,
     "hf": lambda: importlib.util.find_spec("transformers") is not None
     and importlib.util.find_spec("accelerate") is not None,
+    "vllm": lambda: importlib.util.find_spec("vllm") is not None,
 }
 
 

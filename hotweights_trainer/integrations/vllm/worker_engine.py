@@ -96,9 +96,9 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         assert self._group is not None
         timeout = update_info.timeout_s if update_info.timeout_s is not None else receiver.config.timeout_s
         staged: Optional[StagedVersion] = agree_and_take(receiver, self._group, update_info.version,
-                                                         self.version, timeout)
+                                                         receiver.version, timeout)
         if staged is None:
-            log.info("version %d already live; nothing to load", self.version)
+            log.info("version %d already live; nothing to load", receiver.version)
             return
         t0 = time.perf_counter()
         receiver.apply_taken(staged)

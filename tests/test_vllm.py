@@ -1,0 +1,216 @@
+"""The "hotweights" vLLM backend against a real vLLM engine (CPU build), one engine for the module.
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the same worker, engine and
+loader code as the multi-process engine, started in seconds; the TP=2 test (test_vllm_tp.py) runs
+the multi-process engine. The model is a tiny Llama made locally, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, child_env, require
+from tests.procs.spawn import Proc
+
+sys.path.insert(0, str(ROOT / "recipes"))
+
+PROMPT = "hotweights moves weights from the trainer"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    require("vllm")
+    from tiny_llama import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    from vllm.config import WeightTransferConfig
+
+    engine = LLM(str(model_dir), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=128,
+                 enforce_eager=True, weight_transfer_config=WeightTransferConfig(backend="hotweights"))
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def prompt_logprobs(llm) -> tuple[list[float], list[int]]:
+    from vllm import SamplingParams
+
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    ids = list(out.prompt_token_ids)
+    return [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], ids
+
+
+def hf_logprobs(model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits.log_softmax(-1)[0]
+    return [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+def checksums(llm) -> dict:
+    out: dict = {}
+    for worker in llm.llm_engine.collective_rpc("compute_weight_checksums"):
+        out.update(worker)
+    return out
+
+
+def checksums_of_checkpoint(llm, model, folder) -> dict:
+    """Checksums of vLLM's weights after vLLM itself loads ``model`` saved to disk."""
+    model.save_pretrained(folder)
+    llm.llm_engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
+                                                            "is_checkpoint_format": True})
+    return checksums(llm)
+
+
+def update(llm, version: int, timeout_s: float = 30.0) -> None:
+    llm.start_weight_update()
+    llm.update_weights({"update_info": {"version": version, "timeout_s": timeout_s}})
+    llm.finish_weight_update(str(version))
+    llm.reset_prefix_cache()
+
+
+def follow(llm, endpoint: str, **overrides) -> None:
+    llm.init_weight_transfer_engine({"init_info": {"endpoint": endpoint, "timeout_s": 30, **overrides}})
+
+
+def fresh_endpoint() -> str:
+    return f"shm://vllm-{uuid.uuid4().hex[:10]}"
+
+
+def perturbed(model_dir, seed: int, scale: float = 0.05):
+    from tiny_llama import load_hf
+
+    model = load_hf(model_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def test_update_matches_hf_and_reports_version(llm, model_dir):
+    from hotweights_trainer import WeightPublisher
+
+    before, ids = prompt_logprobs(llm)
+    model = perturbed(model_dir, seed=1)
+    ep = fresh_endpoint()
+    with WeightPublisher(ep) as pub:
+        follow(llm, ep)
+        pub.wait_for_receivers(1, timeout=30)
+        version = pub.publish(model, step=1).version
+        update(llm, version)
+    after, _ = prompt_logprobs(llm)
+    expected = hf_logprobs(model, ids)
+    assert max(abs(a - e) for a, e in zip(after, expected)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-2
+    assert llm.get_weight_version() == str(version)
+
+
+def test_delta_versions_end_bit_exact(llm, model_dir, tmp_path):
+    """Several optimizer steps, default delta=auto, only part of the model trained (as with frozen
+    layers; in fp32 Adam moves every element of a trained tensor): vLLM ends holding exactly the
+    bytes vLLM's own loader produces from the trainer's final weights."""
+    from hotweights_trainer import WeightPublisher
+
+    model = perturbed(model_dir, seed=2)
+    trained = [p for n, p in model.named_parameters() if n.startswith("model.layers.1.mlp")]
+    for p in model.parameters():
+        p.requires_grad_(any(p is t for t in trained))
+    opt = torch.optim.AdamW(trained, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ep = fresh_endpoint()
+    results = []
+    with WeightPublisher(ep) as pub:
+        follow(llm, ep)
+        pub.wait_for_receivers(1, timeout=30)
+        for step in range(1, 5):
+            if step > 1:
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            results.append(pub.publish(model, step=step))
+            update(llm, results[-1].version)
+        synced = checksums(llm)
+    assert llm.get_weight_version() == str(results[-1].version)
+    assert any(r.bytes_sent < results[0].bytes_sent / 2 for r in results[1:]), \
+        f"later versions were not sent as deltas: {[r.bytes_sent for r in results]}"
+    assert synced == checksums_of_checkpoint(llm, model, tmp_path / "final")
+
+
+def test_version_that_does_not_fit_is_refused_with_names(llm, model_dir):
+    from hotweights_trainer import ManifestMismatchError, WeightPublisher
+
+    ep = fresh_endpoint()
+    with WeightPublisher(ep) as pub:
+        follow(llm, ep)
+        pub.wait_for_receivers(1, timeout=30)
+        good = perturbed(model_dir, seed=3)
+        update(llm, pub.publish(good, step=1).version)
+        before, _ = prompt_logprobs(llm)
+
+        bad = dict(good.state_dict())
+        bad["model.layers.0.mlp.up_proj.weight"] = torch.zeros(96, 64)
+        with pytest.raises(ManifestMismatchError, match="up_proj"):
+            pub.publish(bad, step=2)
+        partial = {k: v for k, v in good.state_dict().items() if "layers.1.self_attn.k_proj" not in k}
+        with pytest.raises(ManifestMismatchError, match="k_proj.weight.*missing"):
+            pub.publish(partial, step=3)
+
+        llm.start_weight_update()
+        with pytest.raises(ManifestMismatchError, match="up_proj"):
+            llm.update_weights({"update_info": {"version": 2, "timeout_s": 5}})
+    after, _ = prompt_logprobs(llm)
+    assert after == before
+
+
+def test_publisher_killed_mid_version(llm, model_dir):
+    from hotweights_trainer import PeerLostError, SyncTimeoutError
+
+    ep = fresh_endpoint()
+    proc = Proc(["tests/procs/vllm_publisher.py", "--endpoint", ep, "--model", str(model_dir)],
+                env=child_env())
+    try:
+        follow(llm, ep, timeout_s=5)
+        assert proc.next(timeout=120) == {"published": 1}
+        update(llm, 1)
+        before, _ = prompt_logprobs(llm)
+        assert proc.next(timeout=60) == {"mid": 2}
+        proc.p.kill()
+        proc.p.wait(10)
+        llm.start_weight_update()
+        t0 = time.monotonic()
+        with pytest.raises((SyncTimeoutError, PeerLostError), match="version >= 2|went away"):
+            llm.update_weights({"update_info": {"version": 2, "timeout_s": 4}})
+        assert time.monotonic() - t0 < 15, "update_weights did not respect its deadline"
+        after, _ = prompt_logprobs(llm)
+        assert after == before
+        assert llm.get_weight_version() == "1"
+    finally:
+        if proc.p.poll() is None:
+            proc.p.kill()
+
+
+def test_bad_init_and_update_info_name_the_key(llm):
+    from hotweights_trainer import ConfigError
+
+    with pytest.raises(ConfigError, match="bucket_size_mb"):
+        llm.init_weight_transfer_engine({"init_info": {"endpoint": fresh_endpoint(), "bucket_size_mb": 4}})
+    follow(llm, fresh_endpoint())
+    llm.start_weight_update()
+    with pytest.raises(ConfigError, match="'version'"):
+        llm.update_weights({"update_info": {"versoin": 1}})
+    with pytest.raises(ConfigError):
+        from hotweights_trainer.integrations.vllm.options import parse_update_info
+
+        parse_update_info({"version": 1, "timeout_s": -1})
