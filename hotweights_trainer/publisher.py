@@ -29,7 +29,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import metrics
 from .config import SyncConfig
@@ -62,6 +62,7 @@ class WeightPublisher:
         self.config = config if config is not None else SyncConfig.from_env()
         self.endpoint = parse_endpoint(endpoint)
         self.name_map = name_map
+        self._commit_hooks: list[Callable[[PublishResult], None]] = []
         self.session = secrets.randbits(63)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -138,7 +139,19 @@ class WeightPublisher:
         with self._publish_lock:
             if self._closed:
                 raise ClosedError(f"publisher on {self.endpoint} is closed")
-            return self._publish(source, step)
+            result = self._publish(source, step)
+        for hook in list(self._commit_hooks):
+            hook(result)
+        return result
+
+    def add_commit_hook(self, fn: Callable[[PublishResult], None]) -> None:
+        """Call ``fn(result)`` after each committed version, in the thread that published it.
+
+        For work that must follow every version, such as making a vLLM engine load it
+        (:class:`~hotweights_trainer.integrations.vllm.VLLMUpdater`). An error from ``fn`` propagates
+        out of :meth:`publish`; the version itself stays committed.
+        """
+        self._commit_hooks.append(fn)
 
     def close(self) -> None:
         with self._lock:

@@ -214,3 +214,54 @@ def test_bad_init_and_update_info_name_the_key(llm):
         from hotweights_trainer.integrations.vllm.options import parse_update_info
 
         parse_update_info({"version": 1, "timeout_s": -1})
+
+
+def test_trainer_callback_drives_vllm(llm, model_dir, tmp_path):
+    """HF Trainer + HotweightsCallback(vllm=llm): every optimizer step becomes the engine's weights."""
+    from transformers import Trainer, TrainingArguments
+
+    from hotweights_trainer import HotweightsCallback
+
+    model = perturbed(model_dir, seed=4)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 300, (12, 16), generator=g)]
+    ep = fresh_endpoint()
+    cb = HotweightsCallback(ep, vllm=llm)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=3,
+                             per_device_train_batch_size=4, learning_rate=1e-3, save_strategy="no",
+                             logging_steps=1, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb]).train()
+    assert [r.version for r in cb.results] == [1, 2, 3]
+    assert cb.vllm.version == 3 and llm.get_weight_version() == "3"
+    synced = checksums(llm)
+    assert synced == checksums_of_checkpoint(llm, model, tmp_path / "final")
+
+
+def test_step_pusher_drives_vllm_once_per_version(llm, model_dir):
+    """The pusher behind Accelerate and DeepSpeed: one vLLM update per version, none per tensor."""
+    from hotweights_trainer.integrations.pusher import StepPusher
+
+    model = perturbed(model_dir, seed=5)
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            fn = getattr(self.inner, name)
+
+            def wrapped(*a, **kw):
+                calls.append(name)
+                return fn(*a, **kw)
+            return wrapped
+
+    with StepPusher(fresh_endpoint(), vllm=Counting(llm)) as pusher:
+        for _ in range(2):
+            with torch.no_grad():
+                model.lm_head.weight.mul_(0.9)
+            pusher.optimizer_stepped(model)
+    assert calls.count("update_weights") == 2
+    assert calls.count("init_weight_transfer_engine") == 1
+    assert calls.count("reset_prefix_cache") == 2
+    assert llm.get_weight_version() == "2"

@@ -37,7 +37,7 @@ class AccelerateSync(StepPusher):
     """Weight sync for a loop driven by an ``accelerate.Accelerator``. Create it on every rank."""
 
     def __init__(self, accelerator: Any, endpoint: str, every_n_steps: int = 1,
-                 config: Optional[SyncConfig] = None):
+                 config: Optional[SyncConfig] = None, vllm: Any = None):
         try:
             from accelerate import Accelerator
         except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
@@ -50,7 +50,7 @@ class AccelerateSync(StepPusher):
             # local shards would only end in a manifest mismatch on every receiver.
             raise HotweightsError("AccelerateSync does not support FSDP yet; use DeepSpeed ZeRO-3 or DDP")
         self.accelerator = accelerator
-        super().__init__(endpoint, every_n_steps=every_n_steps, config=config)
+        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm)
         self.skipped_steps = 0
         """Steps that mixed precision skipped (gradient overflow): weights did not change, no push."""
         self._wrapped: list[Any] = []

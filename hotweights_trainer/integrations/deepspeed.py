@@ -41,12 +41,12 @@ class DeepSpeedSync(StepPusher):
     """Returned by :func:`attach`: pushes after real optimizer steps of one ``DeepSpeedEngine``."""
 
     def __init__(self, engine: Any, endpoint: str, *, every_n_steps: int = 1,
-                 config: Optional[SyncConfig] = None):
+                 config: Optional[SyncConfig] = None, vllm: Any = None):
         if not _is_engine(engine):
             raise HotweightsError(f"attach() needs a deepspeed.DeepSpeedEngine, got {type(engine).__name__}")
         if "step" in vars(engine):
             raise HotweightsError("this engine's step() is already hooked (attach() was called twice?)")
-        super().__init__(endpoint, every_n_steps=every_n_steps, config=config)
+        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm)
         self.engine = engine
         self.skipped_steps = 0
         """Boundary steps that fp16 skipped for overflow: weights did not change, no push."""
@@ -88,6 +88,8 @@ class DeepSpeedSync(StepPusher):
 
 
 def attach(engine: Any, endpoint: str, every_n_steps: int = 1,
-           config: Optional[SyncConfig] = None) -> DeepSpeedSync:
-    """Hook ``engine.step()``: push weights to ``endpoint`` every ``every_n_steps`` optimizer steps."""
-    return DeepSpeedSync(engine, endpoint, every_n_steps=every_n_steps, config=config)
+           config: Optional[SyncConfig] = None, vllm: Any = None) -> DeepSpeedSync:
+    """Hook ``engine.step()``: push weights to ``endpoint`` every ``every_n_steps`` optimizer steps.
+
+    ``vllm``: an ``LLM``, a ``vllm serve`` URL or a ``VLLMUpdater`` that loads each version."""
+    return DeepSpeedSync(engine, endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm)

@@ -41,13 +41,15 @@ log = logging.getLogger(__name__)
 class HotweightsCallback(TrainerCallback):
     def __init__(self, endpoint: str, *, every_n_steps: int = 1, config: Optional[SyncConfig] = None,
                  close_on_train_end: bool = True, opt_policy: Optional[str] = None,
-                 opt_attenuation: Optional[float] = None):
+                 opt_attenuation: Optional[float] = None, vllm: Any = None):
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ConfigError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.endpoint = endpoint
         self.every_n_steps = every_n_steps
         self.config = config if config is not None else SyncConfig.from_env()
         self.close_on_train_end = close_on_train_end
+        self.vllm = vllm
+        """An ``LLM``, a ``vllm serve`` URL or a ``VLLMUpdater`` that loads every published version."""
         self.publisher: Optional[WeightPublisher] = None
         self.async_publisher: Optional[AsyncPublisher] = None
         self.last_result: Optional[PublishResult] = None
@@ -65,6 +67,10 @@ class HotweightsCallback(TrainerCallback):
     def _ensure_publisher(self) -> WeightPublisher:
         if self.publisher is None:
             self.publisher = WeightPublisher(self.endpoint, config=self.config)
+            if self.vllm is not None:
+                from .vllm.attach import attach_vllm
+
+                self.vllm = attach_vllm(self.publisher, self.vllm, self.config)
         return self.publisher
 
     def tensors(self, model: Any, state: Any) -> Optional[Iterable]:

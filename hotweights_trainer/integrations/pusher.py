@@ -41,7 +41,7 @@ class StepPusher:
     """Counts optimizer steps and pushes weights every ``every_n_steps`` of them, from every rank."""
 
     def __init__(self, endpoint: str, *, every_n_steps: int = 1, config: Optional[SyncConfig] = None,
-                 is_main: Optional[bool] = None):
+                 is_main: Optional[bool] = None, vllm: Any = None):
         self.every_n_steps = check_every_n(every_n_steps)
         self.endpoint = endpoint
         self.config = config if config is not None else SyncConfig.from_env()
@@ -56,6 +56,12 @@ class StepPusher:
         # Created now, on the main rank only, so receivers can connect before the first step.
         self.publisher: Optional[WeightPublisher] = (
             WeightPublisher(endpoint, config=self.config) if self.is_main else None)
+        self.vllm = vllm
+        """On the main rank, the ``VLLMUpdater`` that loads every version into a vLLM engine."""
+        if vllm is not None and self.publisher is not None:
+            from .vllm.attach import attach_vllm
+
+            self.vllm = attach_vllm(self.publisher, vllm, self.config)
 
     def wait_for_receivers(self, n: int, timeout: Optional[float] = None) -> int:
         """On the main rank, block until ``n`` receivers are connected; elsewhere return 0 at once."""

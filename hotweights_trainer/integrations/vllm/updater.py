@@ -63,7 +63,7 @@ class VLLMUpdater:
             if missing:
                 raise ConfigError(f"vLLM target {type(target).__name__} lacks {', '.join(missing)}: pass a "
                                   "vllm.LLM, a `vllm serve` URL or a VLLMWeightSyncClient")
-            self.client = target
+            self.client = _OfflineClient(target) if hasattr(target, "llm_engine") else target
             reset = getattr(target, "reset_prefix_cache", None)
             self._reset_prefix_cache = reset if callable(reset) else None
         self.initialized = False
@@ -106,6 +106,26 @@ class VLLMUpdater:
         except Exception as exc:  # noqa: BLE001 - vLLM and HTTP errors have no common base; keep the cause
             raise InferenceUpdateError(version, f"vLLM engine {self.target}: {method} failed for version "
                                                 f"{version}: {type(exc).__name__}: {_short(exc)}") from exc
+
+
+class _OfflineClient:
+    """vLLM's ``LLM`` takes request dicts (``{"init_info": ...}``) where the sync-client protocol
+    takes the info itself."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: Optional[str] = None) -> None:
+        self.llm.finish_weight_update(weight_version)
 
 
 def _short(exc: BaseException) -> str:
