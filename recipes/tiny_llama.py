@@ -62,3 +62,11 @@ def load_hf(folder: str | Path) -> Any:
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(folder)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python recipes/tiny_llama.py FOLDER")
+    print(make_tiny_llama(sys.argv[1]))
