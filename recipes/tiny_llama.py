@@ -26,7 +26,7 @@ def llama_config(*, hidden: int = 64, layers: int = 2, heads: int = 2, kv_heads:
 
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=256, tie_word_embeddings=False, torch_dtype=dtype,
+                       max_position_embeddings=256, tie_word_embeddings=False, dtype=dtype,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

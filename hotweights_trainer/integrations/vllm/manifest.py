@@ -25,7 +25,7 @@ def checkpoint_model(hf_config: Any, dtype: torch.dtype) -> Optional[torch.nn.Mo
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - any architecture transformers cannot build: check less, say so
         log.warning("cannot build the checkpoint layout of %s (%s: %s); versions are not checked against "
                     "it before loading", getattr(hf_config, "model_type", "?"), type(exc).__name__, exc)
