@@ -265,3 +265,26 @@ def test_step_pusher_drives_vllm_once_per_version(llm, model_dir):
     assert calls.count("init_weight_transfer_engine") == 1
     assert calls.count("reset_prefix_cache") == 2
     assert llm.get_weight_version() == "2"
+
+
+def test_vllm_trainer_api_switches_by_backend_name(llm, model_dir, tmp_path):
+    """Code written against vLLM's trainer-side engine API works with the hotweights init info."""
+    from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
+
+    from hotweights_trainer.integrations.vllm import HotweightsTrainerInitInfo, register
+
+    register()  # what the entry point does in a process vLLM started; idempotent
+    model = perturbed(model_dir, seed=6)
+    engine = WeightTransferTrainerFactory.trainer_init(
+        HotweightsTrainerInitInfo(endpoint=fresh_endpoint(), rank=0, config={"timeout_s": 30}),
+        client=llm, source=ModuleSource(model))
+    try:
+        first = engine.send_weights()
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.25)
+        second = engine.send_weights()
+    finally:
+        engine.shutdown()
+    assert (first.version, second.version) == (1, 2)
+    assert llm.get_weight_version() == "2"
+    assert checksums(llm) == checksums_of_checkpoint(llm, model, tmp_path / "final")
