@@ -17,5 +17,6 @@ def test_tp2_ranks_load_the_same_newest_version():
     assert out["connected"] == 2
     assert out["versions"] == [1, 2, 3]
     assert out["weight_version"] == "3"
+    assert out["ranks"] == [3, 3], "each rank reports the hotweights version it loaded"
     assert out["tensors"] > 0
     assert out["equal"], "the ranks' weights differ from vLLM's own load of version 3"

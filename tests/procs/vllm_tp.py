@@ -26,6 +26,7 @@ def main() -> None:
     folder = make_tiny_llama(tmp / "model", seed=0, kv_heads=2)
     llm = LLM(str(folder), dtype="float32", tensor_parallel_size=2, kv_cache_memory_bytes=16 << 20,
               max_model_len=128, enforce_eager=True,
+              worker_extension_cls="hotweights_trainer.integrations.vllm.worker_ext.HotweightsWorkerExtension",
               weight_transfer_config=WeightTransferConfig(backend="hotweights"))
 
     def checksums() -> dict:
@@ -48,6 +49,7 @@ def main() -> None:
             versions.append(pub.publish(model, step=seed).version)
         llm.start_weight_update()
         llm.update_weights({"update_info": {"version": 1, "timeout_s": 60}})
+        ranks = llm.collective_rpc("hotweights_version")
         llm.finish_weight_update(str(versions[-1]))
         synced = checksums()
     model.save_pretrained(tmp / "final")
@@ -55,7 +57,7 @@ def main() -> None:
                                                             "is_checkpoint_format": True})
     reference = checksums()
     sys.stdout.write(json.dumps({"connected": connected, "versions": versions,
-                                 "weight_version": llm.get_weight_version(),
+                                 "weight_version": llm.get_weight_version(), "ranks": ranks,
                                  "tensors": len(synced), "equal": synced == reference}) + "\n")
     sys.stdout.flush()
     llm.llm_engine.engine_core.shutdown()
