@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--changed", type=float, default=1.0,
+                    help="share of elements each step changes (RL-sized bf16 updates change ~0.0075); "
+                         "below 1, hotweights sends deltas")
     ap.add_argument("--quick", action="store_true", help="a small model, one round (smoke test)")
     args = ap.parse_args()
     if args.quick:
@@ -92,10 +96,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="hwt-bench-vllm-"))
     folder = make_tiny_llama(work / "model", hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
-                             kv_heads=args.hidden // 64, intermediate=args.hidden * 8 // 3, vocab=args.vocab)
+                             kv_heads=args.hidden // 64, intermediate=args.hidden * 8 // 3, vocab=args.vocab,
+                             dtype=args.dtype)
     model = load_hf(folder)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    llm = LLM(str(folder), dtype="float32", kv_cache_memory_bytes=32 << 20, max_model_len=128,
+    llm = LLM(str(folder), dtype=args.dtype, kv_cache_memory_bytes=32 << 20, max_model_len=128,
               enforce_eager=True, worker_extension_cls="bench_vllm.PerTensorLoad",
               weight_transfer_config=WeightTransferConfig(backend="hotweights"))
     greedy = SamplingParams(max_tokens=1, temperature=0)
@@ -107,15 +112,23 @@ def main() -> None:
         torch.manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn_like(p), alpha=1e-3)
+                step = torch.randn_like(p) * 1e-2 * p.abs().mean()
+                if args.changed < 1:
+                    step *= torch.rand(p.shape) < args.changed
+                p.add_(step)
 
     endpoint = f"shm://bench-vllm-{os.getpid()}"
-    pub = WeightPublisher(endpoint, config=SyncConfig.from_env(delta="off"))
-    llm.init_weight_transfer_engine({"init_info": {"endpoint": endpoint, "delta": "off"}})
+    delta = "auto" if args.changed < 1 else "off"
+    pub = WeightPublisher(endpoint, config=SyncConfig.from_env(delta=delta))
+    llm.init_weight_transfer_engine({"init_info": {"endpoint": endpoint, "delta": delta}})
     pub.wait_for_receivers(1, timeout=120)
 
+    pub_bytes: list[int] = []
+
     def hotweights() -> float:
-        version = pub.publish(model).version
+        result = pub.publish(model)
+        version = result.version
+        pub_bytes.append(result.bytes_sent)
         t = time.perf_counter()
         llm.start_weight_update()
         llm.update_weights({"update_info": {"version": version}})
@@ -142,9 +155,11 @@ def main() -> None:
         llm.reset_prefix_cache()
         return time.perf_counter() - t
 
-    routes = {"hotweights (shm, dense)": hotweights, "disk: save_pretrained + reload": disk,
+    routes = {f"hotweights (shm, {'delta' if delta == 'auto' else 'dense'})": hotweights, "disk: save_pretrained + reload": disk,
               "per tensor collective_rpc": per_tensor}
     first_token()
+    if delta == "auto":
+        hotweights()  # the first version is always dense; deltas follow
     rows: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in routes}
     seed = 0
     for _ in range(args.rounds):
@@ -161,8 +176,9 @@ def main() -> None:
     llm.llm_engine.engine_core.shutdown()
 
     base = statistics.median(rows["disk: save_pretrained + reload"][0])
-    print(f"\nvLLM update, {nbytes / 1e6:.0f} MB fp32 Llama ({args.layers} layers x {args.hidden}), "
-          f"multi-process engine, median of {args.rounds}; memcpy of the model {copy_s * 1e3:.0f} ms")
+    print(f"\nvLLM update, {nbytes / 1e6:.0f} MB {args.dtype} Llama ({args.layers} layers x {args.hidden}), "
+          f"{args.changed:.2%} of elements changed per step, multi-process engine, median of {args.rounds}; "
+          f"memcpy of the model {copy_s * 1e3:.0f} ms; hotweights sent {pub_bytes[-1] / 1e6:.1f} MB last")
     print(f"| route | step end -> first token (s) | generation pause (s) | pause / memcpy | speed-up vs disk |")
     print("|---|---|---|---|---|")
     for name, (total, pause) in rows.items():
