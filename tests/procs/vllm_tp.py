@@ -49,7 +49,7 @@ def main() -> None:
             versions.append(pub.publish(model, step=seed).version)
         llm.start_weight_update()
         llm.update_weights({"update_info": {"version": 1, "timeout_s": 60}})
-        ranks = llm.collective_rpc("hotweights_version")
+        ranks = llm.collective_rpc("get_hotweights_version")
         llm.finish_weight_update(str(versions[-1]))
         synced = checksums()
     model.save_pretrained(tmp / "final")

@@ -8,14 +8,14 @@ asked for)::
 
     llm = LLM(model, weight_transfer_config=WeightTransferConfig(backend="hotweights"),
               worker_extension_cls="hotweights_trainer.integrations.vllm.worker_ext.HotweightsWorkerExtension")
-    versions = llm.collective_rpc("hotweights_version")   # one per worker (TP/PP rank)
+    versions = llm.collective_rpc("get_hotweights_version")   # one per worker (TP/PP rank)
 """
 
 from __future__ import annotations
 
 
 class HotweightsWorkerExtension:
-    def hotweights_version(self) -> int:
+    def get_hotweights_version(self) -> int:
         """The hotweights version this worker's model holds (0 before the first update)."""
         engine = getattr(self, "weight_transfer_engine", None)
         return int(getattr(engine, "version", 0) or 0)
