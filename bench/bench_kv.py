@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hotweights_trainer.kv.recompute import _cache_kwarg  # noqa: E402
 from hotweights_trainer.kv import (DropPolicy, KeepPolicy, KVRegistry, MigratePolicy,  # noqa: E402
                                    RecomputePolicy, RopeSnapshot, migrate_cache)
 
@@ -133,7 +134,7 @@ def part_policies(args) -> None:
     def filled():
         cache = DynamicCache(config=cfg)
         with torch.no_grad():
-            model(input_ids=ids, cache=cache, use_cache=True)
+            model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): cache})
         return cache
 
     base = filled()

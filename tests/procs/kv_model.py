@@ -82,9 +82,12 @@ def prefill(model, ids: torch.Tensor, cache=None):
     """Run ``ids`` through ``model`` with ``cache`` (a fresh DynamicCache when None); returns (logits, cache)."""
     from transformers import DynamicCache
 
+    from hotweights_trainer.kv.recompute import _cache_kwarg
+
     cache = DynamicCache(config=model.config) if cache is None else cache
     with torch.no_grad():
-        out = model(input_ids=ids, cache=cache, use_cache=True)
+        # the forward argument is `cache` from transformers 5.2x, `past_key_values` before
+        out = model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): cache})
     return out.logits, cache
 
 
