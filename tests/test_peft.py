@@ -118,6 +118,36 @@ def test_bf16_twenty_pushes_leave_frozen_weights_bit_identical(endpoint):
     assert _unchanged(frozen, naive) != []
 
 
+def test_accelerate_loop_pushes_the_merged_lora_model(endpoint):
+    require("peft")
+    require("hf")
+    from accelerate import Accelerator
+
+    from hotweights_trainer import SyncConfig, WeightReceiver
+    from hotweights_trainer.integrations.accelerate import AccelerateSync
+    from hotweights_trainer.verify import combined_digest, weights_digest
+    from tests.procs.peft_models import LLAMA, llama, with_lora
+
+    accelerator = Accelerator(cpu=True)
+    model = with_lora(llama(seed=0))
+    frozen = _frozen(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    plain = llama(seed=5)
+    cfg = SyncConfig(timeout_s=30)
+    with AccelerateSync(accelerator, endpoint, config=cfg) as sync, \
+            WeightReceiver(endpoint, model=plain, config=cfg) as rx:
+        sync.wait_for_receivers(1)
+        for step in (1, 2):
+            accelerator.backward(model(**_lm_batch(LLAMA["vocab_size"])).loss)
+            opt.step()
+            assert sync.after_step(model).version == step
+            opt.zero_grad()
+            rx.wait_for_version(step)
+    assert combined_digest(weights_digest(plain)) == _merged_digest(accelerator.unwrap_model(model))
+    assert _unchanged(frozen, accelerator.unwrap_model(model)) == []
+
+
 def test_dora_is_refused_by_merged_sync_before_anything_is_sent(endpoint):
     require("peft")
     from hotweights_trainer import ConfigError, SyncConfig, WeightPublisher

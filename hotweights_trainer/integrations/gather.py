@@ -13,6 +13,11 @@
   so the packer copies them into a bucket before the group is released and the next one gathered.
   The other ranks run the same gathers right away and return None.
 
+A PEFT model (:mod:`hotweights_trainer.peft_sync`) is gathered in units: a LoRA layer's base weight
+and factors always share a group (its merge reads them together), its merged copy counts toward the
+group's size, and tensors its ``peft_mode`` does not send (base weights in adapter mode) are never
+gathered.
+
 Extra memory on any rank is therefore one group (about ``bucket_bytes``; a single parameter larger
 than that is a group of its own), never the whole model -- plus, under gloo, the backend's staging
 copy of the parameter being all-gathered, so about two buckets measured on CPU. Call :func:`finish` after the publish,
