@@ -148,6 +148,34 @@ def test_accelerate_loop_pushes_the_merged_lora_model(endpoint):
     assert _unchanged(frozen, accelerator.unwrap_model(model)) == []
 
 
+def test_async_snapshot_of_a_lora_model_is_merged_and_announced(endpoint):
+    require("peft")
+    from hotweights_trainer import SyncConfig, WeightPublisher, WeightReceiver
+    from hotweights_trainer.async_publisher import AsyncPublisher
+    from hotweights_trainer.errors import PeftModeError
+    from hotweights_trainer.verify import combined_digest, weights_digest
+    from tests.procs.peft_models import llama, with_lora
+
+    model, plain = with_lora(llama(seed=0)), llama(seed=5)
+    cfg = SyncConfig(timeout_s=30, async_publish=True)
+    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=plain, config=cfg) as rx, \
+            AsyncPublisher(pub, config=cfg) as apub:
+        pub.wait_for_receivers(1)
+        assert apub.submit(model, step=1)  # snapshot taken now, in the merged form
+        apub.flush()
+        rx.wait_for_version(1)
+    assert apub.results[0].tensors_sent == len(weights_digest(plain))
+    assert combined_digest(weights_digest(plain)) == _merged_digest(model)
+    # The snapshot carries its form: an adapter-mode snapshot is refused by a plain receiver by name.
+    cfg = cfg.replace(peft_mode="adapter")
+    with WeightPublisher(endpoint + "a", config=cfg) as pub, \
+            WeightReceiver(endpoint + "a", model=plain, config=cfg) as rx, AsyncPublisher(pub, config=cfg) as apub:
+        pub.wait_for_receivers(1)
+        apub.submit(model, step=1)
+        with pytest.raises(PeftModeError, match="adapter-mode version sent to a receiver without a PeftModel"):
+            apub.flush()
+
+
 def test_dora_is_refused_by_merged_sync_before_anything_is_sent(endpoint):
     require("peft")
     from hotweights_trainer import ConfigError, SyncConfig, WeightPublisher
