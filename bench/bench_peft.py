@@ -7,7 +7,10 @@ of the adapters, and goes over shm:// to a receiver in its own process:
   * ``merged dense``  -- peft_mode=merged, delta=off: every tensor under the base model's names;
   * ``merged delta``  -- peft_mode=merged, delta=auto: after the first push only changed elements
     (the LoRA'd projections change wholly, everything else not at all);
-  * ``adapter``       -- peft_mode=adapter: the adapter tensors only, to a receiver holding the PeftModel.
+  * ``adapter``       -- peft_mode=adapter: the adapter tensors only, to a receiver holding the PeftModel;
+  * ``no PEFT``       -- reference: the same base model without LoRA (full fine-tuning of nothing),
+    delta=off, so the cost of merging shows in the ``gather ms`` column (the merge runs while the
+    publisher reads its source).
 
 Compared against what other libraries do to publish a LoRA model: merge the adapters into the trainer's
 weights, send, unmerge (the time of merge + unmerge alone, and how many frozen bf16 elements are no
@@ -84,14 +87,17 @@ def train_step(model, opt, g: torch.Generator) -> None:
     opt.zero_grad()
 
 
-def run_mode(label: str, mode: str, delta: str, layers: int, pushes: int) -> list[dict]:
+def run_mode(label: str, mode: str, delta: str, layers: int, pushes: int, lora: bool = True) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     endpoint = f"shm://bench-peft-{os.getpid()}-{mode}-{delta}"
     p = ctx.Process(target=receiver_proc, args=(endpoint, layers, mode == "adapter", pushes, delta, mode, q),
                     daemon=True)
     p.start()
-    model = build(layers, seed=0, lora=True)
+    model = build(layers, seed=0, lora=lora)
+    if not lora:  # reference: train only the norms, so there is a step and the sizes match
+        for name, t in model.named_parameters():
+            t.requires_grad_("norm" in name)
     opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -104,8 +110,9 @@ def run_mode(label: str, mode: str, delta: str, layers: int, pushes: int) -> lis
             _, _, apply_s, digest = q.get(timeout=300)
             rows.append({"label": label, "push": v, "bytes": res.bytes_sent, "dense": res.dense_bytes,
                          "tensors": res.tensors_sent, "seconds": res.seconds, "apply": apply_s,
+                         "gather": res.phases["gather"],
                          "memcpy": memcpy_seconds(res.bytes_sent)})
-    if mode == "merged":  # the receiver must hold exactly what peft's merge_and_unload() gives
+    if mode == "merged" and lora:  # the receiver must hold exactly what peft's merge_and_unload() gives
         rows[-1]["exact"] = digest == combined_digest(weights_digest(copy.deepcopy(model).merge_and_unload()))
     p.join(60)
     return rows
@@ -130,6 +137,33 @@ def merge_unmerge_baseline(layers: int, pushes: int) -> dict:
     return {"seconds": statistics.median(times), "drifted": drifted, "total": total}
 
 
+def merge_compute_ms(layers: int) -> dict[int, float]:
+    """Median time to produce every merged tensor (no transport), with torch's default threads and with one.
+
+    On a busy machine torch's intra-op pool stalls (the publisher shares the cores with the receiver
+    verifying buckets): the ``gather ms`` column above includes such stalls.
+    """
+    from hotweights_trainer.peft_sync import PeftView
+    from hotweights_trainer.source import module_tensors
+
+    model = build(layers, seed=0, lora=True)
+    default = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in sorted({default, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _item in PeftView(model, "merged").items(module_tensors(model)):
+                    pass
+                times.append(time.perf_counter() - t)
+            out[threads] = statistics.median(times) * 1e3
+    finally:
+        torch.set_num_threads(default)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10, help="decoder layers (10: ~96 M parameters)")
@@ -143,21 +177,26 @@ def main() -> None:
           f"{n_adapter / 1e6:.2f} M float32 adapter parameters); {args.pushes} pushes per mode over shm://, "
           f"one AdamW step before each; torch {torch.__version__}, {os.cpu_count()} CPUs\n")
     rows = []
+    rows = run_mode("no PEFT (reference)", "merged", "off", args.layers, args.pushes, lora=False)
     for label, mode, delta in (("merged dense", "merged", "off"), ("merged delta", "merged", "auto"),
                                ("adapter", "adapter", "auto")):
         rows += run_mode(label, mode, delta, args.layers, args.pushes)
-    print("| mode | push | tensors | MB sent | dense MB | publish ms | memcpy of sent bytes ms | receiver apply ms |"
-          " bit-exact vs merge_and_unload |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | push | tensors | MB sent | dense MB | publish ms | of which gather ms | memcpy of sent bytes ms |"
+          " receiver apply ms | bit-exact vs merge_and_unload |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         exact = {True: "yes", False: "NO"}.get(r.get("exact"), "")
         print(f"| {r['label']} | {r['push']} | {r['tensors']} | {r['bytes'] / 1e6:.2f} | {r['dense'] / 1e6:.2f} | "
-              f"{r['seconds'] * 1e3:.1f} | {r['memcpy'] * 1e3:.2f} | {r['apply'] * 1e3:.1f} | {exact} |")
+              f"{r['seconds'] * 1e3:.1f} | {r['gather'] * 1e3:.1f} | {r['memcpy'] * 1e3:.2f} | {r['apply'] * 1e3:.1f} | "
+              f"{exact} |")
     base = merge_unmerge_baseline(args.layers, args.pushes)
     print(f"\nMerge + unmerge in place (what other libraries do around a send): {base['seconds'] * 1e3:.1f} ms per "
           f"push before sending anything; after {args.pushes} pushes {base['drifted']:,} of {base['total']:,} "
           f"frozen bf16 elements ({base['drifted'] / base['total']:.2%}) differ from their original bits. "
           "Merged sync above leaves them untouched.")
+    compute = merge_compute_ms(args.layers)
+    print("Computing the merged tensors alone (no transport), median of 5: " +
+          ", ".join(f"{ms:.1f} ms with {n} torch thread(s)" for n, ms in compute.items()) + ".")
 
 
 if __name__ == "__main__":

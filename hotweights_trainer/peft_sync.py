@@ -55,7 +55,7 @@ _BASE_SEGMENTS = frozenset(("base_layer", "original_module"))
 
 def peft_loaded() -> bool:
     """Whether the peft package was imported in this process (else no module can hold its layers)."""
-    return "peft" in sys.modules
+    return sys.modules.get("peft") is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,7 +272,9 @@ def view_of(module: Any, mode: str) -> Optional[PeftView]:
     module = unwrap_model(module)
     if not isinstance(module, torch.nn.Module) or not peft_loaded() or not tuner_layers(module):
         return None
-    return PeftView(module, mode)
+    view = PeftView(module, mode)
+    log.debug("PEFT model with %d tuner layers: sending it %s", len(view.layers), mode)
+    return view
 
 
 class PeftItems(list):
@@ -307,7 +309,7 @@ def receiver_problem(form: Any, model: Optional[torch.nn.Module], holds_peft: bo
     ``model`` is None for a receiver that applies through a callable only: adapter tensors would
     reach it under PeftModel names it has no way to place, so such versions are refused too.
     """
-    if form is None or form == "merged" and not holds_peft:
+    if form is None or (form == "merged" and not holds_peft):
         return None
     if form == "adapter" and holds_peft:
         return None
