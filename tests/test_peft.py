@@ -176,6 +176,53 @@ def test_async_snapshot_of_a_lora_model_is_merged_and_announced(endpoint):
             apub.flush()
 
 
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=96, n_positions=32))
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+
+
+@pytest.mark.parametrize("case", ["bias_and_two_adapters", "gpt2_fan_in_fan_out", "conv2d"])
+def test_other_plain_lora_forms_merge_bit_exact(endpoint, case):
+    require("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from hotweights_trainer import SyncConfig, WeightPublisher, WeightReceiver
+    from hotweights_trainer.verify import combined_digest, weights_digest
+    from tests.procs.peft_models import llama
+
+    def lora(**kw):
+        return LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw)
+
+    if case == "bias_and_two_adapters":  # lora_bias adds to the base bias; both active adapters merge
+        model = get_peft_model(llama(seed=0, attention_bias=True),
+                               lora(target_modules=["q_proj", "v_proj"], lora_bias=True))
+        model.add_adapter("second", lora(target_modules=["q_proj", "k_proj"]))
+        model.base_model.set_adapter(["default", "second"])
+        assert model.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["default", "second"]
+    elif case == "gpt2_fan_in_fan_out":  # GPT-2's Conv1D stores weights transposed
+        model = get_peft_model(_gpt2(), lora(target_modules=["c_attn"], fan_in_fan_out=True))
+    else:
+        model = get_peft_model(_convnet(), lora(target_modules=["0", "2"]))
+    held = copy.deepcopy(model).merge_and_unload()
+    expected = combined_digest(weights_digest(held))
+    with torch.no_grad():
+        for t in held.state_dict().values():
+            t.zero_()  # what the receiver ends with comes from the wire
+    cfg = SyncConfig(timeout_s=20)
+    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=held, config=cfg) as rx:
+        pub.wait_for_receivers(1)
+        pub.publish(model)
+        rx.wait_for_version(1)
+    assert combined_digest(weights_digest(held)) == expected
+
+
 def test_dora_is_refused_by_merged_sync_before_anything_is_sent(endpoint):
     require("peft")
     from hotweights_trainer import ConfigError, SyncConfig, WeightPublisher
