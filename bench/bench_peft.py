@@ -15,7 +15,7 @@ of the adapters, and goes over shm:// to a receiver in its own process:
 Compared against what other libraries do to publish a LoRA model: merge the adapters into the trainer's
 weights, send, unmerge (the time of merge + unmerge alone, and how many frozen bf16 elements are no
 longer what they were after those pushes), and against one memcpy of the bytes each mode sends.
-Run: ``python bench/bench_peft.py [--layers 10] [--pushes 3]``. Absolute numbers on shared machines are
+Run: ``python bench/bench_peft.py [--layers 10] [--pushes 3] [--quick]``. Absolute numbers on shared machines are
 noisy; read the ratios.
 """
 
@@ -168,7 +168,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10, help="decoder layers (10: ~96 M parameters)")
     ap.add_argument("--pushes", type=int, default=3, help="optimizer steps, one push after each")
+    ap.add_argument("--quick", action="store_true", help="smoke-sized run (2 layers, 2 pushes); numbers mean nothing")
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.pushes = 2, 2
     probe = build(args.layers, seed=0, lora=True)
     n_params = sum(t.numel() for t in probe.get_base_model().parameters() if not t.requires_grad)
     n_adapter = sum(t.numel() for t in probe.parameters() if t.requires_grad)

@@ -248,6 +248,9 @@ class PeftView:
     def _merged_weight(self, r: Route, weight: torch.Tensor) -> torch.Tensor:
         # peft's merge: Linear/Conv do ``weight.data += delta`` (an in-place add that rounds once into
         # the weight dtype), Embedding does ``weight.data += delta.to(dtype)``; the same ops on a clone.
+        # Run with torch's thread settings as they are: one intra-op thread would dodge the pool's
+        # stalls on busy cores, but changes the reduction order of a Conv delta, so the result would no
+        # longer equal a merge_and_unload() run under the caller's settings.
         cast = isinstance(r.layer, self._p.MERGE_ADD_CAST)
         with torch.no_grad():
             out = weight.detach().clone()
