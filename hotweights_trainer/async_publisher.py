@@ -39,6 +39,7 @@ import torch
 from . import metrics
 from .config import SyncConfig
 from .errors import ClosedError, HotweightsError, SyncTimeoutError
+from .peft_sync import PeftItems, prepare
 from .publisher import PublishResult, WeightPublisher
 from .source import FLUSH, module_tensors, unwrap_model
 from .wire.packer import wire_tensor
@@ -118,7 +119,9 @@ class AsyncPublisher:
             self._inflight += 1
             metrics.ASYNC_INFLIGHT.labels(self._ep).set(self._inflight)
         try:
-            items = snapshot.fill(source, self.config.torch_send_dtype)
+            # A PEFT model is snapshotted in its peft_mode form, and the form travels with the items.
+            form, source = prepare(source, self.config.peft_mode)
+            items = PeftItems(snapshot.fill(source, self.config.torch_send_dtype), form)
         except BaseException:
             with self._cond:
                 self._free.append(snapshot)

@@ -86,6 +86,15 @@ class SyncConfig:
     """With async_publish, when the previous push is still running at a step boundary: ``wait`` blocks
     until it finishes, ``skip`` drops this step's version (never a half-sent one)."""
 
+    # ---------------------------------------------------------------- PEFT / LoRA models
+    peft_mode: Literal["merged", "adapter"] = "merged"
+    """How a model holding PEFT adapters (peft's get_peft_model) is sent. ``merged``: every tensor under
+    the base model's name with each LoRA layer's weight sent as W + scaling * (B @ A), exactly what
+    merge_and_unload() gives, computed into the outgoing data (the trainer's weights are never
+    written); for receivers holding the plain base model. ``adapter``: only the adapter tensors,
+    modules_to_save copies and other trainable tensors, under the PeftModel's names; for receivers
+    holding the same PeftModel. Models without PEFT layers are unaffected."""
+
     # ---------------------------------------------------------------- in-flight window (pipelining transports)
     ipc_inflight_buckets: int = 4
     """Base window: how many buckets may be in flight at once on pipelining transports."""
@@ -391,7 +400,7 @@ class SyncConfig:
 
 NON_CONFIG_VARIABLES: Mapping[str, str] = {
     "HOTWEIGHTS_REQUIRE": "read by the test suite, not the library: a comma list of optional parts "
-                          "(mpi, ucx, redis, deepspeed, hf, vllm) whose tests must fail instead of skipping",
+                          "(mpi, ucx, redis, deepspeed, hf, vllm, peft) whose tests must fail instead of skipping",
 }
 """``HOTWEIGHTS_*`` names that are deliberately not SyncConfig fields, each with the reason
 (docs/TUNING.md lists them)."""

@@ -139,6 +139,20 @@ class NotLeaderError(CoordinatorError):
         super().__init__(message)
 
 
+class UnsupportedAdapterError(ConfigError):
+    """A PEFT model holds adapters that the configured ``peft_mode`` cannot send (e.g. a LoRA variant
+    such as DoRA under merged sync); ``problems`` names each layer and why."""
+
+
+class PeftModeError(ManifestMismatchError):
+    """A version's PEFT form does not fit the receiver's model: adapter tensors for a receiver without a
+    PeftModel, or merged base-model weights for a receiver that holds one. Nothing was applied."""
+
+    def __init__(self, message: str):
+        self.problems = {"peft_mode": message}
+        Exception.__init__(self, message)
+
+
 class ShardingMismatchError(HotweightsError, RuntimeError):
     """Ranks disagree on how to gather a sharded model (different bucket size or model structure)."""
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .delta.encoder import DeltaStats
-from .errors import (CorruptBucketError, HotweightsError, ManifestMismatchError, SyncTimeoutError,
-                     VersionAbortedError, WireFormatError)
+from .errors import (CorruptBucketError, HotweightsError, ManifestMismatchError, PeftModeError,
+                     SyncTimeoutError, VersionAbortedError, WireFormatError)
 from .transports.base import BucketBuffer
 
 
@@ -53,6 +53,13 @@ class VersionRecord:
     decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
     error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
     state: str = "sending"  # sending -> waiting -> committed | aborted
+    peft: Optional[str] = None  # PEFT form of the tensors ("merged"/"adapter"), told to receivers in begin
+
+    def begin_message(self, session: int) -> dict[str, Any]:
+        msg = {"op": "begin", "version": self.version, "session": session, "step": self.step}
+        if self.peft is not None:
+            msg["peft"] = self.peft
+        return msg
 
 
 @dataclass
@@ -68,6 +75,7 @@ class ReceiverRecord:
 # Errors a receiver may report in a nack, re-raised on the trainer with their own type.
 _NACK_TYPES: dict[str, type[HotweightsError]] = {
     "ManifestMismatchError": ManifestMismatchError,
+    "PeftModeError": PeftModeError,
     "CorruptBucketError": CorruptBucketError,
     "WireFormatError": WireFormatError,
 }

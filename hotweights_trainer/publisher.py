@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import metrics
+from . import metrics, peft_sync
 from .config import SyncConfig
 from .control.handles import Handle, sign_handle
 from .control.janitor import free_handles, owner_tag
@@ -192,6 +192,8 @@ class WeightPublisher:
     def _publish(self, source: Any, step: Optional[int]) -> PublishResult:
         cfg = self.config
         t0 = time.perf_counter()
+        # A PEFT model becomes its merged or adapter tensors; refused adapters fail here, before begin.
+        peft_form, source = peft_sync.prepare(source, cfg.peft_mode)
         with self._lock:
             try:
                 begun = self._session.begin(step)
@@ -199,15 +201,14 @@ class WeightPublisher:
                 metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
                 raise
             version = begun["version"]
-            rec = VersionRecord(version, step)
+            rec = VersionRecord(version, step, peft=peft_form)
             rec.quorum = set(begun["quorum"]) & set(self._receivers)
             for other in self._versions.values():
                 for rid in rec.quorum:  # this version supersedes any catch-up still in flight
                     other.catchup.pop(rid, None)
             self._versions[version] = rec
             self._current = rec
-            self._send(rec.quorum, {"op": "begin", "version": version, "session": self.session,
-                                    "step": step})
+            self._send(rec.quorum, rec.begin_message(self.session))
         manifest = ManifestBuilder()
         nbytes = 0
         t_pack = 0.0
@@ -536,8 +537,7 @@ class WeightPublisher:
             return
         rec.catchup[rid] = time.monotonic() + self.config.timeout_s
         self._post_handles(rec, range(len(rec.buffers)), [rid])
-        self._tx.send([rid], {"op": "begin", "version": rec.version, "session": self.session,
-                              "step": rec.step})
+        self._tx.send([rid], rec.begin_message(self.session))
         for index, buf in enumerate(rec.buffers):
             self._tx.post([rid], rec.version, index, buf)
         self._tx.send([rid], rec.end)

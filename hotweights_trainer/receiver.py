@@ -29,6 +29,7 @@ from .errors import (AuthError, ClosedError, HotweightsError, ManifestMismatchEr
                      SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
+from .peft_sync import has_peft_layers, receiver_problem
 from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver, required_groups
 from .transports import create_receiver_transport, parse_endpoint
 from .gpu.bucket import decode_received
@@ -64,6 +65,8 @@ class WeightReceiver:
         self._apply_fn = apply
         self.name_map = name_map
         targets = build_targets(model) if model is not None else None
+        # Whether adapter-mode (PeftModel names) or merged-mode PEFT versions fit this model.
+        self._holds_peft = model is not None and has_peft_layers(model)
         self._resolve = make_resolver(targets, name_map)
         self._check = targets is not None
         self._required = required_groups(targets) if (require_complete and targets is not None) else []
@@ -370,7 +373,8 @@ class WeightReceiver:
         self._announced = max(self._announced, msg["version"])
         metrics.VERSION_LAG.labels(self._ep, self.receiver_id).set(self._announced - self._live_version)
         self._staging = StagedVersion(msg["version"], msg["session"], step if isinstance(step, int) else None)
-        self._staging_error = None
+        # Refused before any bucket is staged; the nack goes out with "end" (see _end).
+        self._staging_error = receiver_problem(msg.get("peft"), self.model, self._holds_peft)
 
     def _unannounce(self, version: int) -> None:
         """An aborted version never goes live, so the lag stops counting it."""

@@ -29,7 +29,11 @@ FLUSH = _Flush()
 
 
 def unwrap_model(model: Any) -> Any:
-    """Peel DDP/FSDP ``.module`` and ``torch.compile``'s ``._orig_mod`` wrappers."""
+    """Peel DDP/FSDP ``.module`` and ``torch.compile``'s ``._orig_mod`` wrappers.
+
+    A peft ``PeftModel`` is not a wrapper to peel: its tensors live under other names (and LoRA
+    factors change what the weights mean); :mod:`hotweights_trainer.peft_sync` turns it into tensors.
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -39,7 +43,6 @@ def unwrap_model(model: Any) -> Any:
         inner = getattr(model, "module", None)
         if isinstance(inner, torch.nn.Module) and type(model).__name__ in (
             "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine",
-            "PeftModel",
         ):
             model = inner
             continue

@@ -28,6 +28,8 @@ _PROBES = {
     "hf": lambda: importlib.util.find_spec("transformers") is not None
     and importlib.util.find_spec("accelerate") is not None,
     "vllm": lambda: importlib.util.find_spec("vllm") is not None,
+    "peft": lambda: importlib.util.find_spec("peft") is not None
+    and importlib.util.find_spec("transformers") is not None,
 }
 
 

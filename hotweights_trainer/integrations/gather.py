@@ -13,6 +13,11 @@
   so the packer copies them into a bucket before the group is released and the next one gathered.
   The other ranks run the same gathers right away and return None.
 
+A PEFT model (:mod:`hotweights_trainer.peft_sync`) is gathered in units: a LoRA layer's base weight
+and factors always share a group (its merge reads them together), its merged copy counts toward the
+group's size, and tensors its ``peft_mode`` does not send (base weights in adapter mode) are never
+gathered.
+
 Extra memory on any rank is therefore one group (about ``bucket_bytes``; a single parameter larger
 than that is a group of its own), never the whole model -- plus, under gloo, the backend's staging
 copy of the parameter being all-gathered, so about two buckets measured on CPU. Call :func:`finish` after the publish,
@@ -32,6 +37,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, 
 import torch
 
 from ..errors import HotweightsError, ShardingMismatchError, missing_dependency
+from ..peft_sync import view_of
 from ..source import FLUSH, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -87,22 +93,38 @@ def sharded_items(module: torch.nn.Module) -> list[Item]:
     return items
 
 
-def plan_groups(items: Sequence[Item], group_bytes: int) -> list[list[Item]]:
+def plan_groups(items: Sequence[Item], group_bytes: int, *,
+                unit_of: Optional[Callable[[str, torch.Tensor], str]] = None,
+                size_of: Optional[Callable[[str, torch.Tensor], int]] = None) -> list[list[Item]]:
     """Split ``items`` into consecutive groups of at most ``group_bytes`` (full size).
 
     A tensor larger than ``group_bytes`` forms a group of its own; the packer splits it across buckets.
+    ``unit_of`` names the unit of each item: consecutive items of one unit always share a group (a
+    LoRA layer's base weight and factors, which its merge reads together), and a unit larger than
+    ``group_bytes`` is a group of its own. ``size_of`` is what an item costs while its group is held
+    (default: its full bytes; a merged weight also counts the copy it becomes).
     """
     if group_bytes < 1:
         raise HotweightsError(f"group size must be >= 1 byte, got {group_bytes}")
+    units: list[tuple[list[Item], int]] = []
+    last_unit: Any = object()
+    for name, t in items:
+        unit = unit_of(name, t) if unit_of is not None else (name, id(t))
+        n = size_of(name, t) if size_of is not None else full_nbytes(t)
+        if units and unit == last_unit:
+            units[-1][0].append((name, t))
+            units[-1] = (units[-1][0], units[-1][1] + n)
+        else:
+            units.append(([(name, t)], n))
+        last_unit = unit
     groups: list[list[Item]] = []
     current: list[Item] = []
     used = 0
-    for name, t in items:
-        n = full_nbytes(t)
+    for members, n in units:
         if current and used + n > group_bytes:
             groups.append(current)
             current, used = [], 0
-        current.append((name, t))
+        current.extend(members)
         used += n
     if current:
         groups.append(current)
@@ -172,8 +194,13 @@ class ShardedSource:
     """
 
     def __init__(self, groups: list[list[Item]], *, is_main: bool, gather: GatherFn = deepspeed_gather,
-                 all_params: Sequence[torch.Tensor] = ()):
+                 all_params: Sequence[torch.Tensor] = (),
+                 transform: Optional[Callable[[list[Item]], Iterable[Item]]] = None,
+                 peft_mode: Optional[str] = None):
         self.groups = groups
+        self.peft_mode = peft_mode
+        """PEFT form of what this source yields (peft_sync), announced to receivers; None: plain."""
+        self._transform = transform
         self.is_main = is_main
         self.stats = GatherStats(groups=len(groups),
                                  group_bytes_max=max((sum(full_nbytes(t) for _, t in g if is_zero3_param(t))
@@ -193,17 +220,25 @@ class ShardedSource:
     def _enter(self, group: list[Item]) -> ContextManager[Any]:
         return self._gather([t for _, t in group])
 
-    def _iter(self) -> Iterator[Any]:
+    def _iter(self, produce: bool = True) -> Iterator[Any]:
         while self._next < len(self.groups):
             group = self.groups[self._next]
             self._next += 1
             t0 = time.perf_counter()
             with self._enter(group):
                 self._account(t0)
-                for name, t in group:
-                    yield name, t.detach()
-                yield FLUSH
-                del name, t
+                if not produce:  # draining: take part in the collective, compute nothing
+                    pass
+                elif self._transform is None:
+                    for name, t in group:
+                        yield name, t.detach()
+                    yield FLUSH
+                    del name, t
+                else:  # PEFT: merged weights computed (or adapter tensors picked) while gathered
+                    for item in self._transform([(name, t.detach()) for name, t in group]):
+                        yield item
+                    yield FLUSH
+                    item = None  # noqa: F841 - our last reference into the group being released
             self.stats.seconds += time.perf_counter() - t0
 
     def _account(self, t0: float) -> None:
@@ -218,7 +253,7 @@ class ShardedSource:
 
     def drain(self) -> None:
         """Enter and leave every gather not yet done (what the ranks that don't send do)."""
-        for _ in self._iter():
+        for _ in self._iter(produce=False):
             pass
 
     def close(self) -> None:
@@ -265,24 +300,41 @@ def check_same_plan(groups: Sequence[Sequence[Item]], device: Optional[torch.dev
 
 
 def sharded_source(model: torch.nn.Module, *, is_main: bool, bucket_bytes: int,
-                   gather: GatherFn = deepspeed_gather, check: bool = True) -> ShardedSource:
-    """A :class:`ShardedSource` over ``model``'s tensors in groups of at most ``bucket_bytes``."""
+                   gather: GatherFn = deepspeed_gather, check: bool = True,
+                   peft_mode: str = "merged") -> ShardedSource:
+    """A :class:`ShardedSource` over ``model``'s tensors in groups of at most ``bucket_bytes``.
+
+    A PEFT model is sent in ``peft_mode`` (see :mod:`hotweights_trainer.peft_sync`): only the tensors
+    that form are gathered, a LoRA layer's pieces in one group, its merged copy counted in the group.
+    """
     model = unwrap_model(model)
-    groups = plan_groups(sharded_items(model), bucket_bytes)
+    items = sharded_items(model)
+    view = view_of(model, peft_mode)  # every rank: refused adapters fail everywhere, before any collective
+    if view is None:
+        groups = plan_groups(items, bucket_bytes)
+    else:
+        groups = plan_groups([(n, t) for n, t in items if view.needed(n, t)], bucket_bytes,
+                             unit_of=view.unit_of,
+                             size_of=lambda n, t: full_nbytes(t) * (2 if view.makes_copy(n, t) else 1))
     if check:
         check_same_plan(groups, _collective_device())
-    return ShardedSource(groups, is_main=is_main, gather=gather, all_params=list(model.parameters()))
+    return ShardedSource(groups, is_main=is_main, gather=gather, all_params=list(model.parameters()),
+                         transform=view.items if view is not None else None,
+                         peft_mode=view.mode if view is not None else None)
 
 
-def publish_source(model: Any, *, is_main: bool, bucket_bytes: int) -> Optional[Iterable]:
+def publish_source(model: Any, *, is_main: bool, bucket_bytes: int,
+                   peft_mode: str = "merged") -> Optional[Iterable]:
     """What this rank hands to ``WeightPublisher.publish``: the model, a :class:`ShardedSource`, or None.
 
     Runs on every rank. On ranks that don't send, ZeRO-3 gathers are run here and None is returned.
+    A replicated PEFT model is returned as it is (the publisher applies its ``peft_mode``);
+    ``peft_mode`` here shapes the gathers of a sharded one, so pass the publisher's.
     """
     model = unwrap_model(model)
     if not is_sharded(model):
         return model if is_main else None
-    source = sharded_source(model, is_main=is_main, bucket_bytes=bucket_bytes)
+    source = sharded_source(model, is_main=is_main, bucket_bytes=bucket_bytes, peft_mode=peft_mode)
     if is_main:
         return source
     source.close()

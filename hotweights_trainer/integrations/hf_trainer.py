@@ -81,7 +81,8 @@ class HotweightsCallback(TrainerCallback):
         """
         from .gather import publish_source
 
-        return publish_source(model, is_main=self._is_main(state), bucket_bytes=self.config.bucket_bytes)
+        return publish_source(model, is_main=self._is_main(state), bucket_bytes=self.config.bucket_bytes,
+                              peft_mode=self.config.peft_mode)
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -84,7 +84,8 @@ class StepPusher:
         self._last_pushed_step = step
         source = None
         try:
-            source = publish_source(model, is_main=self.is_main, bucket_bytes=self.config.bucket_bytes)
+            source = publish_source(model, is_main=self.is_main, bucket_bytes=self.config.bucket_bytes,
+                                    peft_mode=self.config.peft_mode)
             if source is None or self.publisher is None:
                 return None
             result = self.publisher.publish(source, step=step)
