@@ -414,7 +414,7 @@ class SyncConfig:
 
 NON_CONFIG_VARIABLES: Mapping[str, str] = {
     "HOTWEIGHTS_REQUIRE": "read by the test suite, not the library: a comma list of optional parts "
-                          "(mpi, ucx, redis, deepspeed, hf) whose tests must fail instead of skipping",
+                          "(mpi, ucx, redis, deepspeed, hf, trl) whose tests must fail instead of skipping",
 }
 """``HOTWEIGHTS_*`` names that are deliberately not SyncConfig fields, each with the reason
 (docs/TUNING.md lists them)."""
