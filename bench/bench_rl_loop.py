@@ -3,10 +3,12 @@
 Three runs of the same recipe (same model, task, batch sizes and seed), each a trainer process and a
 generator process with one thread each:
 
-* ``async``: ``--max-staleness 1``: batch k+1 is generated while step k trains; weights pushed every step;
-* ``sync pushes``: ``--max-staleness 0``: the generator waits for each step's push before it
-  generates the next batch (on-policy, nothing overlaps);
-* ``no push``: ``--no-push``: the generator keeps the first version (weights frozen there), never waits.
+* ``async``: batch k+1 is generated while step k trains (``--max-staleness 1``), and each step's push
+  runs from a background thread while the next step trains (``--push async``, ``AsyncPublisher``);
+* ``sync pushes``: the same loop, but each step waits until its push is committed (``--push sync``);
+* ``no push``: the same loop with the generator keeping the first version (weights frozen there);
+* ``on-policy``: for reference, ``--max-staleness 0 --push sync``: the generator waits for each
+  step's weights before the next batch, so generation and training never overlap.
 
 Step time is the trainer's wall time from version 1 to the last step, over the steps. The generator's
 shares are of its own wall time: ``paused`` is applying versions (the serving pause), ``waiting`` is
@@ -29,7 +31,10 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "grpo_loop.py")
-MODES = {"async": ["--max-staleness", "1"], "sync pushes": ["--max-staleness", "0"], "no push": ["--no-push"]}
+MODES = {"async": ["--max-staleness", "1", "--push", "async"],
+         "sync pushes": ["--max-staleness", "1", "--push", "sync"],
+         "no push": ["--max-staleness", "1", "--no-push"],
+         "on-policy": ["--max-staleness", "0", "--push", "sync"]}
 
 
 def run(mode: str, steps: int) -> dict:
@@ -48,7 +53,7 @@ def run(mode: str, steps: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke run: few steps, one repeat")
     args = ap.parse_args()
     steps, repeats = (6, 1) if args.quick else (args.steps, args.repeats)

@@ -4,8 +4,9 @@ rollouts come from a generator in another process that follows the trainer's wei
 
 Launch (CPU, about a minute on two cores)::
 
-    python recipes/grpo_loop.py                      # async: generation overlaps training
-    python recipes/grpo_loop.py --max-staleness 0    # synchronous: every batch from the newest weights
+    python recipes/grpo_loop.py                      # async: generation overlaps training, pushes too
+    python recipes/grpo_loop.py --push sync          # each step waits for its push to be committed
+    python recipes/grpo_loop.py --max-staleness 0    # on-policy: every batch from the newest weights
     python recipes/grpo_loop.py --no-push            # baseline: weights frozen on the generator
 
 The task: after a one-token prompt, emit the pattern ``3 1 4 1 5 9 2 6``. The reward of a
@@ -20,7 +21,8 @@ ratio new/behaviour (the generator reports the behaviour log-probabilities of th
 sampled) is clipped as in PPO. There is no KL term.
 
 The pipeline: version 1 is the initial weights; training step k uses batch k and version k and then
-publishes version k+1. The generator makes batch k only once version ``k - max_staleness`` is live,
+publishes version k+1, by default from a background thread (``AsyncPublisher``: the weights are
+snapshotted at the step boundary and pushed while step k+1 trains; ``--push sync`` waits instead). The generator makes batch k only once version ``k - max_staleness`` is live,
 so batch k+1 is generated while step k trains, and no batch is ever more than ``max_staleness``
 versions stale. Every rollout carries the version that produced it and that version's weight
 fingerprint; the trainer checks the fingerprint against the one it published. The generator waits
@@ -115,6 +117,7 @@ class Rollouts:
 
 def run_trainer(args: argparse.Namespace) -> int:
     from hotweights_trainer import SyncConfig, WeightPublisher
+    from hotweights_trainer.async_publisher import AsyncPublisher
     from hotweights_trainer.verify import weights_digest
     from rl_generators import GeneratorUnavailable, check_generator
 
@@ -124,8 +127,9 @@ def run_trainer(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     endpoint = args.endpoint or f"shm://grpo-{os.getpid()}"
-    # The generator is one process starting now: wait for it before the first version.
-    cfg = SyncConfig.from_env(min_receivers=1)
+    # The generator is one process starting now: wait for it before the first version. fp32 weights at
+    # this learning rate change in every element at every step, so delta encoding would only cost time.
+    cfg = SyncConfig.from_env(min_receivers=1, delta=args.delta)
     gen_cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "generator", "--endpoint", endpoint,
                *_shared_flags(args)]
     proc = subprocess.Popen(gen_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -136,7 +140,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     try:
-        with WeightPublisher(endpoint, config=cfg) as pub:
+        with WeightPublisher(endpoint, config=cfg) as pub, AsyncPublisher(pub) as apub:
             _wait_for_generator(pub, proc, cfg.receiver_wait_s)
             pub.publish(model, step=0)  # version 1: the initial weights, once the generator is there
             digests[pub.version] = weights_digest(model)
@@ -145,8 +149,7 @@ def run_trainer(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 batch = rollouts.get(cfg.timeout_s)
                 t_got = time.perf_counter()
-                trained_on = pub.version
-                staleness = trained_on - batch["version"]
+                staleness = k - batch["version"]  # step k trains version k (the weights after k-1 steps)
                 if batch["batch"] != k:
                     problems.append(f"step {k}: got batch {batch['batch']}")
                 if not 0 <= staleness <= args.max_staleness and not args.no_push:
@@ -163,16 +166,24 @@ def run_trainer(args: argparse.Namespace) -> int:
                 t_trained = time.perf_counter()
                 sync_ms = 0.0
                 if not args.no_push:
-                    result = pub.publish(model, step=k)  # version k+1
-                    digests[result.version] = weights_digest(model)
-                    sync_ms = result.seconds * 1e3
+                    digests[k + 1] = weights_digest(model)  # version k+1: versions are numbered in push order
+                    if args.push == "async":
+                        apub.submit(model, step=k)  # snapshot now; the push runs while step k+1 trains
+                    else:
+                        sync_ms = pub.publish(model, step=k).seconds * 1e3
                 rows.append({"step": k, "reward": rewards.mean().item(), "loss": loss.item(),
                              "version": batch["version"], "staleness": staleness, "sync_ms": sync_ms,
+                             "blocked_ms": (time.perf_counter() - t_trained) * 1e3,
                              "pause_ms": batch["pause_ms"], "gen_wait_ms": batch["wait_ms"],
                              "gen_ms": batch["gen_ms"], "rollout_wait_ms": (t_got - t0) * 1e3,
                              "train_ms": (t_trained - t_got) * 1e3,
                              "step_ms": (time.perf_counter() - t0) * 1e3})
+            apub.flush()
             wall = time.perf_counter() - t_start
+            for result in apub.results:  # background pushes: their own duration, and the version check
+                rows[result.step - 1]["sync_ms"] = result.seconds * 1e3
+                if result.version != result.step + 1:
+                    problems.append(f"step {result.step} was published as version {result.version}")
             proc.stdin.write(json.dumps({"final_version": pub.version}) + "\n")  # the generator may stop
             proc.stdin.flush()
             final = rollouts.get(cfg.timeout_s)
@@ -212,7 +223,8 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]], problems: list
     n = min(10, len(rows))
     first = sum(r["reward"] for r in rows[:n]) / max(n, 1)
     last = sum(r["reward"] for r in rows[-n:]) / max(n, 1)
-    summary = {"mode": "frozen" if args.no_push else f"staleness<={args.max_staleness}", "steps": len(rows),
+    mode = "no push" if args.no_push else f"{args.push} push, staleness<={args.max_staleness}"
+    summary = {"mode": mode, "steps": len(rows),
                "first10_reward": first, "last10_reward": last,
                "max_staleness_seen": max((r["staleness"] for r in rows), default=0),
                "wall_s": wall, "step_ms_mean": wall * 1e3 / max(len(rows), 1),
@@ -228,7 +240,7 @@ def run_generator(args: argparse.Namespace) -> int:
     from hotweights_trainer import SyncConfig
     from rl_generators import make_generator
 
-    cfg = SyncConfig.from_env()
+    cfg = SyncConfig.from_env(delta=args.delta)
     # Another seed than the trainer's: only a weight sync can make the two models equal.
     gen = make_generator(args.generator, build_policy(args.seed + 1), args.endpoint, cfg, masked_token=END)
     stats = {"wait_s": 0.0, "pause_s": 0.0, "generate_s": 0.0}
@@ -269,7 +281,8 @@ def _emit(record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- command line
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--group", str(args.group), "--prompts", str(args.prompts),
-           "--max-staleness", str(args.max_staleness), "--seed", str(args.seed), "--generator", args.generator]
+           "--max-staleness", str(args.max_staleness), "--seed", str(args.seed), "--generator", args.generator,
+           "--push", args.push, "--delta", args.delta]
     return out + (["--no-push"] if args.no_push else [])
 
 
@@ -282,8 +295,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per batch")
     ap.add_argument("--max-staleness", type=int, default=1,
                     help="how many versions a batch may lag the weights it trains (0: synchronous)")
+    ap.add_argument("--push", choices=["async", "sync"], default="async",
+                    help="async: push from a background thread while the next step trains (AsyncPublisher); "
+                         "sync: the step waits for publish() to return")
     ap.add_argument("--no-push", action="store_true", help="baseline: the generator keeps the first version")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--delta", choices=["off", "auto", "always"], default="off",
+                    help="delta sync (HOTWEIGHTS_DELTA); off: every element changes at this learning rate in fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generator", default="hf", help="rollout generator: hf, or vllm (see rl_generators.py)")
     ap.add_argument("--out", default=None, help="write per-step metrics as JSON here")
