@@ -16,6 +16,7 @@ from hotweights_trainer.verify import weights_digest
 from tests.conftest import require
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, start_receiver, write_spec
+from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 SPEC = mixed_spec(n_small=6, big_elems=20_000)
 
@@ -172,3 +173,37 @@ def test_short_trainer_run_at_defaults_reaches_a_receiver_still_starting(endpoin
         assert rx.wait() == 0
     finally:
         rx.kill()
+
+
+PUBLISH_AND_EXIT = r"""
+import json, sys
+from hotweights_trainer import SyncConfig, WeightPublisher
+from tests.procs.common import load_spec, make_tensors
+cfg = SyncConfig(bucket_mb=1, timeout_s=20, coord_backend="redis", redis_url=sys.argv[3], linger_s=60)
+with WeightPublisher(sys.argv[1], config=cfg) as pub:
+    result = pub.publish(make_tensors(load_spec(sys.argv[2]), 5), step=5)
+    print(json.dumps({"published": result.version, "receivers": result.receivers}), flush=True)
+print(json.dumps({"closed": True}), flush=True)  # close() returned: it waited for the late receiver
+"""
+
+
+def test_publisher_on_redis_exiting_right_after_publishing_still_delivers(endpoint, tmp_path, redis_server):
+    # The Redis control plane as reported: the publisher exits right after its last publish, before
+    # the receiver is up. Lingering in close() is what delivers the version, whatever the backend.
+    spec_path = write_spec(SPEC)
+    script = tmp_path / "pub.py"
+    script.write_text(PUBLISH_AND_EXIT)
+    pub = Proc([str(script), endpoint, spec_path, redis_server.url])
+    rx = None
+    try:
+        assert pub.next() == {"published": 1, "receivers": 0}
+        rx = start_receiver(endpoint, spec_path, versions=1)
+        assert rx.next()["ready"]
+        got = rx.next()
+        assert got["version"] == 1 and got["step"] == 5
+        assert got["digests"] == weights_digest(make_tensors(SPEC, 5))
+        assert pub.next()["closed"] and pub.wait() == 0
+    finally:
+        pub.kill()
+        if rx is not None:
+            rx.kill()
