@@ -9,8 +9,7 @@
 4. every quorum member answers ``staged`` (all buckets verified, manifest fits its model) or ``nack``;
    a member that disconnects leaves the quorum;
 5. only when all have staged does ``commit`` go out; on any nack or a missed deadline ``abort`` goes
-   out instead, and no receiver applies anything of that version.
-
+   out instead, and no receiver applies anything of that version;
 6. ``publish`` returns once every receiver that got the commit acknowledged it (``committed``): the
    version is then pending there, so a ``poll()`` that follows ``publish`` applies it at once.
 
@@ -286,7 +285,7 @@ class WeightPublisher:
             metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
         self._wait_acks(rec, told)
-        if not committed["ready"]:
+        if not committed["ready"] and not committed["stragglers"]:
             self._warn_no_receivers(version)
         t1 = time.perf_counter()
         t_encode = t_pack + (delta.encode_seconds if delta is not None else 0.0)
