@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -264,6 +265,9 @@ def run_generator(args: argparse.Namespace) -> int:
                    "pause_ms": pause_s * 1e3, "gen_ms": gen_s * 1e3})
         stats["wall_s"] = time.perf_counter() - t_start
         # Keep following until training ends, then report the final weights' fingerprint.
+        ready, _, _ = select.select([sys.stdin], [], [], cfg.timeout_s)
+        if not ready:
+            raise TimeoutError(f"the trainer did not finish within {cfg.timeout_s:.0f}s of the last batch")
         line = sys.stdin.readline()
         final_version = json.loads(line)["final_version"] if line.strip() else gen.version
         gen.sync(final_version)
