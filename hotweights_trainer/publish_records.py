@@ -50,6 +50,7 @@ class VersionRecord:
     staged: set[str] = field(default_factory=set)
     nacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     catchup: dict[str, float] = field(default_factory=dict)  # rid -> deadline
+    acked: set[str] = field(default_factory=set)  # receivers holding the commit (pending or live)
     decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
     error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
     state: str = "sending"  # sending -> waiting -> committed | aborted

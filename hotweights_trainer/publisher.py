@@ -9,11 +9,18 @@
 4. every quorum member answers ``staged`` (all buckets verified, manifest fits its model) or ``nack``;
    a member that disconnects leaves the quorum;
 5. only when all have staged does ``commit`` go out; on any nack or a missed deadline ``abort`` goes
-   out instead, and no receiver applies anything of that version.
+   out instead, and no receiver applies anything of that version;
+6. ``publish`` returns once every receiver that got the commit acknowledged it (``committed``): the
+   version is then pending there, so a ``poll()`` that follows ``publish`` applies it at once.
 
 Receivers that connect later (or during a publish) are sent the current committed version in full
 (catch-up) and then follow. A receiver that misses a deadline is disconnected so it cannot stall the
 next version; it catches up when it reconnects.
+
+Start and end of a run: with ``min_receivers`` the first ``publish`` waits (``receiver_wait_s``) until
+that many receivers are connected. ``close`` lingers (``linger_s``) while the last version has not
+reached every connected receiver, or no receiver at all, so a run shorter than the inference side's
+start-up still delivers its final weights.
 
 Who is in the quorum and whether a version may commit is decided by the fleet's coordinator
 (:mod:`hotweights_trainer.control`): the publisher relays every receiver event to it (join,
@@ -50,6 +57,8 @@ from .wire.packer import plan_buckets
 
 log = logging.getLogger(__name__)
 
+_PROGRESS_EVERY_S = 10.0  # how often a long wait for receivers says where it stands
+
 
 class WeightPublisher:
     """Publishes versions of a model's weights to every receiver of ``endpoint``.
@@ -72,6 +81,9 @@ class WeightPublisher:
         self._committed: Optional[VersionRecord] = None
         self._current: Optional[VersionRecord] = None
         self._closed = False
+        self._closing = False
+        self._waited_for_receivers = False
+        self._warned_no_receivers = False
         self.last_result: Optional[PublishResult] = None
         self._ep = str(self.endpoint)
         # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
@@ -117,16 +129,34 @@ class WeightPublisher:
         return self._tx
 
     def wait_for_receivers(self, n: int, timeout: Optional[float] = None) -> int:
-        """Block until at least ``n`` receivers are connected; returns how many are."""
-        deadline = time.monotonic() + (self.config.timeout_s if timeout is None else timeout)
+        """Block until at least ``n`` receivers are connected; returns how many are.
+
+        ``timeout`` defaults to ``config.timeout_s``. Logs a progress line every
+        ``_PROGRESS_EVERY_S`` seconds while it waits; raises :class:`SyncTimeoutError` naming the
+        endpoint after the deadline, or :class:`ClosedError` when the publisher closes meanwhile.
+        """
+        limit = self.config.timeout_s if timeout is None else timeout
+        t0 = time.monotonic()
+        deadline = t0 + limit
+        next_note = t0 + _PROGRESS_EVERY_S
         with self._cond:
+            if len(self._receivers) < n:
+                log.info("waiting for %d receiver(s) on %s (%d connected, deadline %.0fs)", n, self.endpoint,
+                         len(self._receivers), limit)
             while len(self._receivers) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if self._closed or self._closing:
+                    raise ClosedError(f"publisher on {self.endpoint} closed while waiting for receivers")
+                now = time.monotonic()
+                if now >= deadline:
                     raise SyncTimeoutError(
                         f"only {len(self._receivers)} of {n} receivers connected to {self.endpoint} "
-                        f"within {timeout if timeout is not None else self.config.timeout_s:.1f}s")
-                self._cond.wait(left)
+                        f"within {limit:.1f}s; start the inference side with the same endpoint, or lower "
+                        "HOTWEIGHTS_MIN_RECEIVERS / raise HOTWEIGHTS_RECEIVER_WAIT_S")
+                if now >= next_note:
+                    log.warning("still waiting for receivers on %s: %d of %d connected after %.0fs "
+                                "(deadline %.0fs)", self.endpoint, len(self._receivers), n, now - t0, limit)
+                    next_note = now + _PROGRESS_EVERY_S
+                self._cond.wait(min(deadline, next_note) - now)
             return len(self._receivers)
 
     def publish(self, source: Any, *, step: Optional[int] = None) -> PublishResult:
@@ -137,8 +167,11 @@ class WeightPublisher:
         in every case after aborting the version, so no receiver applies any of it.
         """
         with self._publish_lock:
-            if self._closed:
+            if self._closed or self._closing:
                 raise ClosedError(f"publisher on {self.endpoint} is closed")
+            if not self._waited_for_receivers and self.config.min_receivers > 0:
+                self.wait_for_receivers(self.config.min_receivers, self.config.receiver_wait_s)
+            self._waited_for_receivers = True  # only the first version waits: later ones go to who is there
             result = self._publish(source, step)
         for hook in list(self._commit_hooks):
             hook(result)
@@ -153,7 +186,21 @@ class WeightPublisher:
         """
         self._commit_hooks.append(fn)
 
-    def close(self) -> None:
+    def close(self, linger: bool = True) -> None:
+        """Stop publishing and free every buffer. Idempotent.
+
+        With ``linger`` (and ``config.linger_s`` > 0), first keep serving the last committed version
+        until every connected receiver has committed it and at least ``max(1, min_receivers)`` have,
+        or ``linger_s`` ran out (logged).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()  # a first publish waiting for receivers gives up
+        if linger:
+            with self._publish_lock:  # a publish still running (another thread) finishes first
+                self._linger()
         with self._lock:
             if self._closed:
                 return
@@ -178,13 +225,13 @@ class WeightPublisher:
     def __enter__(self) -> "WeightPublisher":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(linger=exc_type is None)  # after an error the last version may be the wrong one to leave
 
     def __del__(self) -> None:  # best effort: free shared memory of a publisher nobody closed
         try:
             if not self._closed:
-                self.close()
+                self.close(linger=False)  # never block a garbage collection
         except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to report to
             pass
 
@@ -246,10 +293,14 @@ class WeightPublisher:
                 if self._delta is not None:
                     self._delta.commit(version)  # this version's snapshots become the next delta's bases
                 self._on_committed(rec, committed)
+                told = [r for r in committed["ready"] if r in self._receivers]
         except BaseException as exc:
             self._abort(rec, f"{type(exc).__name__}: {exc}", abort_kind(exc))
             metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
             raise
+        self._wait_acks(rec, told)
+        if not committed["ready"] and not committed["stragglers"]:
+            self._warn_no_receivers(version)
         t1 = time.perf_counter()
         t_encode = t_pack + (delta.encode_seconds if delta is not None else 0.0)
         dense_bytes = nbytes + (delta.dense_bytes - delta.payload_bytes if delta is not None else 0)
@@ -298,6 +349,64 @@ class WeightPublisher:
         for rid in list(self._receivers):
             if rid not in rec.quorum:
                 self._catch_up(rid, rec)
+
+    def _wait_acks(self, rec: VersionRecord, told: list[str]) -> None:
+        """Wait until every receiver told of the commit has it pending (its ``committed`` ack).
+
+        The version is committed whatever happens here; a receiver that does not ack within
+        ``timeout_s`` is disconnected (logged) and gets the version again as a late joiner.
+        """
+        deadline = time.monotonic() + self.config.timeout_s
+        with self._cond:
+            while True:
+                waiting = [r for r in told if r in self._receivers and r not in rec.acked]
+                if not waiting or self._closed:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for rid in waiting:
+                        log.warning("receiver %s did not acknowledge the commit of version %d within %.1fs; "
+                                    "disconnecting it (it catches up when it reconnects)", rid, rec.version,
+                                    self.config.timeout_s)
+                        self._tx.drop(rid, f"no commit ack for version {rec.version}")
+                    return
+                self._cond.wait(min(left, 0.5))
+
+    def _warn_no_receivers(self, version: int) -> None:
+        if self._warned_no_receivers:
+            return
+        self._warned_no_receivers = True  # once per publisher: a run without inference is legitimate
+        log.warning("version %d on %s was committed to zero receivers (none connected); a receiver that "
+                    "connects later gets the newest version in full. Set HOTWEIGHTS_MIN_RECEIVERS to wait "
+                    "for them before the first version (further zero-receiver versions are not logged)",
+                    version, self.endpoint)
+
+    def _linger(self) -> None:
+        """Keep serving the last committed version until it reached the receivers (see :meth:`close`)."""
+        limit = self.config.linger_s
+        rec = self._committed
+        if limit <= 0 or rec is None:
+            return
+        need = max(1, self.config.min_receivers)
+        t0 = time.monotonic()
+        next_note = t0
+        with self._cond:
+            while True:
+                missing = sorted(r for r in self._receivers if r not in rec.acked)
+                if not missing and len(rec.acked) >= need:
+                    return
+                now = time.monotonic()
+                if now - t0 >= limit:
+                    log.warning("closing %s after lingering %.1fs: its last version %d reached %d receiver(s)%s",
+                                self.endpoint, limit, rec.version, len(rec.acked),
+                                f"; not yet {', '.join(missing)}" if missing else "")
+                    return
+                if now >= next_note:
+                    log.info("closing %s: serving version %d for up to %.0fs more until %s (HOTWEIGHTS_LINGER_S)",
+                             self.endpoint, rec.version, limit - (now - t0),
+                             f"{', '.join(missing)} commit(s) it" if missing else f"{need} receiver(s) have it")
+                    next_note = now + _PROGRESS_EVERY_S
+                self._cond.wait(min(t0 + limit, next_note) - now)
 
     def _wait_decision(self, rec: VersionRecord) -> None:
         deadline = time.monotonic() + self.config.timeout_s
@@ -483,6 +592,8 @@ class WeightPublisher:
                     rec.nacks[rid] = msg
                     reason = f"{msg['error']}: {msg['message']}"
                     self._set_decision(self._session.nack(rid, rec.version, reason))
+            elif op == "committed" and rec is not None:
+                rec.acked.add(rid)
             elif op == "release":
                 self._released(h["key"] for h in self._session.ack(rid, msg["version"]))
             self._cond.notify_all()

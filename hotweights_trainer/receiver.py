@@ -431,11 +431,14 @@ class WeightReceiver:
         self._delta.on_commit(st)  # the shadow follows commits, not applies
         if st.session == self._live_session and version <= self._live_version:
             self._release(st)  # a catch-up of what we already run
-            return
-        if self._pending is not None:
-            self._release(self._pending)  # superseded before it was applied
-        self._pending = st
-        self._cond.notify_all()
+        else:
+            if self._pending is not None:
+                self._release(self._pending)  # superseded before it was applied
+            self._pending = st
+            self._cond.notify_all()
+        # Only now, with the version pending: the publisher's publish() returns after this ack, so
+        # a poll() that follows it in any thread or process finds the version here.
+        self._send({"op": "committed", "version": version})
 
     def _discard(self) -> None:
         st, self._staging = self._staging, None

@@ -1,7 +1,7 @@
 """Shared test helpers: subprocess environment, free ports, unique endpoints, required extras.
 
 ``HOTWEIGHTS_REQUIRE`` (a comma list, set in CI) turns a skip for a missing optional part into a
-failure, so CI can never go green by skipping the MPI, UCX, Redis or DeepSpeed tests.
+failure, so CI can never go green by skipping the MPI, UCX, Redis, DeepSpeed or TRL tests.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _PROBES = {
     "ucx": lambda: importlib.util.find_spec("ucxx") is not None or importlib.util.find_spec("ucp") is not None,
     "redis": lambda: importlib.util.find_spec("redis") is not None and shutil.which("redis-server") is not None,
     "deepspeed": lambda: importlib.util.find_spec("deepspeed") is not None,
+    "trl": lambda: importlib.util.find_spec("trl") is not None,
     "hf": lambda: importlib.util.find_spec("transformers") is not None
     and importlib.util.find_spec("accelerate") is not None,
     "vllm": lambda: importlib.util.find_spec("vllm") is not None,

@@ -89,3 +89,20 @@ def test_delta_sparsity_runs(tmp_path, monkeypatch):
     assert all(float(r[2]) * 20 < float(r[3]) for r in later), "delta payloads are far below dense"
     pngs = [o.data["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_rl_loop_runs(tmp_path, monkeypatch):
+    require("hf")
+    nb = _execute(NOTEBOOKS / "rl_loop.ipynb", tmp_path, monkeypatch)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), "a cell did not run"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = _text(nb)
+    assert "exit status: 0" in text
+    ratio = float(text.split("ratio ")[1].split("x")[0])
+    assert ratio >= 2, text
+    assert "max staleness seen: 1 (bound 1)" in text or "max staleness seen: 0 (bound 1)" in text
+    assert "problems: 0" in text
+    pngs = [o.data["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG")

@@ -6,6 +6,11 @@ the optimizer step, so never inside gradient accumulation) every ``every_n_steps
 the final weights in ``on_train_end``. ``hotweights/version``, ``hotweights/sync_seconds`` and
 ``hotweights/bytes`` are added to the Trainer's logs.
 
+Start and end of a run: with ``min_receivers`` (``HOTWEIGHTS_MIN_RECEIVERS``) the first push waits
+for that many inference processes, so a run shorter than their start-up does not publish to nobody;
+closing the publisher in ``on_train_end`` keeps serving the final version (``linger_s``) to
+receivers that do not have it yet.
+
 Resumed runs: each checkpoint the Trainer saves gets a weights sidecar (``on_save``). When training
 resumes from it, the parameters whose bytes differ from the sidecar count as updated, and
 ``opt_policy`` (preserve / reset / attenuate; default ``HOTWEIGHTS_OPT_POLICY``) is applied once to their

@@ -31,6 +31,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "staged": {"version": int},
     "nack": {"version": int, "error": str, "message": str},
     "release": {"version": int},
+    # the commit of this version is pending in the receiver (or already live): publish() returns
+    # only after every ready receiver said so, so a poll() right after it applies the version
+    "committed": {"version": int},
     "heartbeat": {"live_version": int},
     # receiver -> publisher, delta sync: dense copies of [name, elem_start, elem_count] ranges whose
     # delta this receiver cannot apply (no or another base version, checksum mismatch after patching)
