@@ -11,7 +11,7 @@ Launch (CPU, about a minute on two cores)::
 
 The task: after a one-token prompt, emit the pattern ``3 1 4 1 5 9 2 6``. The reward of a
 completion is the fraction of positions that match, computed by a Python function. A random tiny
-GPT-2 scores about 1/15; the loop must raise it well above that.
+Llama scores about 1/15; the loop must raise it well above that.
 
 The objective, in plain code (``grpo_loss``): for each prompt the generator samples a group of
 completions; each completion's advantage is its reward normalised within its group (minus the
@@ -29,7 +29,8 @@ fingerprint; the trainer checks the fingerprint against the one it published. Th
 for the end of training, applies the final version and reports its fingerprint: the exit status is
 non-zero on any mismatch.
 
-The generator is pluggable (``--generator``, see ``rl_generators.py``). Rollouts travel from the
+The generator is pluggable (``--generator``, see ``rl_generators.py``): a vLLM engine fed by the
+hotweights vLLM backend where vLLM is installed, else transformers' ``generate`` (said at start). Rollouts travel from the
 generator to the trainer as JSON lines on the generator's stdout; ``--out FILE`` writes the per-step
 metrics (reward, staleness, sync and pause milliseconds) as JSON for plotting.
 """
@@ -57,8 +58,11 @@ sys.path.insert(0, str(HERE))
 PATTERN = [3, 1, 4, 1, 5, 9, 2, 6]
 VOCAB = 16
 END = VOCAB - 1  # the end token: generation is forced past it, and the trainer masks it the same way
-MODEL_CONFIG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=END,
-                    eos_token_id=END, pad_token_id=END)
+# A tiny Llama: vLLM's CPU attention needs heads of at least 32, and vLLM 0.32 reloads a GPT-2 in
+# place wrongly (its own reload from disk gives other outputs than a fresh load), a Llama correctly.
+MODEL_CONFIG = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=END,
+                    eos_token_id=END, pad_token_id=END, tie_word_embeddings=False)
 log = logging.getLogger("grpo_loop")
 
 
@@ -68,10 +72,10 @@ def reward(completion: list[int]) -> float:
 
 
 def build_policy(seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**MODEL_CONFIG))
+    return LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))
 
 
 def make_prompts(batch: int, n_prompts: int, seed: int) -> torch.Tensor:
@@ -155,7 +159,11 @@ def run_trainer(args: argparse.Namespace) -> int:
                     problems.append(f"step {k}: got batch {batch['batch']}")
                 if not 0 <= staleness <= args.max_staleness and not args.no_push:
                     problems.append(f"step {k}: staleness {staleness} outside [0, {args.max_staleness}]")
-                if batch["digest"] != digests.get(batch["version"]):
+                if batch["digest"] is None:  # vLLM: the workers report the version they hold
+                    if batch.get("live_version") != batch["version"]:
+                        problems.append(f"step {k}: rollout labelled version {batch['version']} was made while "
+                                        f"version {batch.get('live_version')} was live")
+                elif batch["digest"] != digests.get(batch["version"]):
                     problems.append(f"step {k}: rollout version {batch['version']} does not carry its weights")
                 prompts = torch.tensor(batch["prompts"])
                 completions = torch.tensor(batch["completions"])
@@ -188,7 +196,9 @@ def run_trainer(args: argparse.Namespace) -> int:
             proc.stdin.write(json.dumps({"final_version": pub.version}) + "\n")  # the generator may stop
             proc.stdin.flush()
             final = rollouts.get(cfg.timeout_s)
-            if final.get("digest") != digests[pub.version]:
+            if final.get("digest") is None and final.get("final") != pub.version:
+                problems.append(f"generator ended on version {final.get('final')}, not {pub.version}")
+            elif final.get("digest") is not None and final.get("digest") != digests[pub.version]:
                 problems.append(f"generator's final weights differ from version {pub.version}")
             gen_stats = final.get("stats", {})
     finally:
@@ -225,7 +235,7 @@ def _report(args: argparse.Namespace, rows: list[dict[str, Any]], problems: list
     first = sum(r["reward"] for r in rows[:n]) / max(n, 1)
     last = sum(r["reward"] for r in rows[-n:]) / max(n, 1)
     mode = "no push" if args.no_push else f"{args.push} push, staleness<={args.max_staleness}"
-    summary = {"mode": mode, "steps": len(rows),
+    summary = {"mode": mode, "generator_name": args.generator, "steps": len(rows),
                "first10_reward": first, "last10_reward": last,
                "max_staleness_seen": max((r["staleness"] for r in rows), default=0),
                "wall_s": wall, "step_ms_mean": wall * 1e3 / max(len(rows), 1),
@@ -260,7 +270,9 @@ def run_generator(args: argparse.Namespace) -> int:
             stats["wait_s"] += wait_s
             stats["pause_s"] += pause_s
             stats["generate_s"] += gen_s
-            _emit({"batch": k, "version": version, "digest": gen.weights_digest(), "prompts": prompts.tolist(),
+            live = gen.live_version() if hasattr(gen, "live_version") else version
+            _emit({"batch": k, "version": version, "live_version": live, "digest": gen.weights_digest(),
+                   "prompts": prompts.tolist(),
                    "completions": completions.tolist(), "logps": logps.tolist(), "wait_ms": wait_s * 1e3,
                    "pause_ms": pause_s * 1e3, "gen_ms": gen_s * 1e3})
         stats["wall_s"] = time.perf_counter() - t_start
@@ -303,16 +315,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="async: push from a background thread while the next step trains (AsyncPublisher); "
                          "sync: the step waits for publish() to return")
     ap.add_argument("--no-push", action="store_true", help="baseline: the generator keeps the first version")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--delta", choices=["off", "auto", "always"], default="off",
                     help="delta sync (HOTWEIGHTS_DELTA); off: every element changes at this learning rate in fp32")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--generator", default="hf", help="rollout generator: hf, or vllm (see rl_generators.py)")
+    ap.add_argument("--generator", default=None,
+                    help="rollout generator: vllm (default where vLLM is installed) or hf (see rl_generators.py)")
     ap.add_argument("--out", default=None, help="write per-step metrics as JSON here")
     args = ap.parse_args(argv)
     if args.max_staleness < 0:
         ap.error("--max-staleness must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.generator is None:
+        from rl_generators import default_generator
+
+        args.generator = default_generator()
+        if args.generator != "vllm" and args.role == "trainer":
+            log.warning("vLLM is not installed: rollouts come from transformers' generate (--generator hf)")
     # Two processes share the cores: one thread each, or they fight and nothing overlaps.
     torch.set_num_threads(1)
     return run_generator(args) if args.role == "generator" else run_trainer(args)

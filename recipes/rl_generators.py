@@ -14,10 +14,10 @@ version. The loop calls, from one thread:
    rollout's version is what it says.
 4. ``close()``.
 
-``GENERATORS`` maps the ``--generator`` names to factories. ``hf`` runs ``transformers``'
-``generate``; ``vllm`` is the seam for an engine-backed generator (the hotweights vLLM backend) and
-raises :class:`GeneratorUnavailable` until one is plugged in here. A generator that is not there
-fails before anything starts, with a message saying what to use instead.
+``GENERATORS`` maps the ``--generator`` names to factories. ``vllm`` samples with a vLLM engine fed
+by the hotweights vLLM backend (the default where vLLM is installed); ``hf`` runs ``transformers``'
+``generate`` on a model a ``WeightReceiver`` updates in place. A generator that cannot run here
+fails before anything starts, with a message saying what to install or use instead.
 """
 
 from __future__ import annotations
@@ -99,23 +99,115 @@ class HFGenerator:
         self.receiver.close()
 
 
+class VLLMGenerator:
+    """Samples with a vLLM engine whose workers follow the trainer through the hotweights backend.
+
+    The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the generator is already a
+    process of its own) from a folder holding the generator's initial model; prompts are token ids,
+    so no tokenizer is needed. ``sync`` asks vLLM to load the newest committed version >= the one
+    needed (one ``update_weights`` call; the workers staged it in the background) and reads back
+    which version each worker holds. vLLM's weights are fused and repacked, so they cannot be
+    fingerprinted under the trainer's names: ``weights_digest`` returns None and every rollout
+    instead carries the version the workers report as live (``live_version``), which the trainer
+    checks. Bit-exactness of what vLLM loads is tested on its own (tests/test_vllm.py).
+    """
+
+    EXTENSION = "hotweights_trainer.integrations.vllm.worker_ext.HotweightsWorkerExtension"
+
+    def __init__(self, model: torch.nn.Module, endpoint: str, config: SyncConfig, *, masked_token: int):
+        import os
+        import tempfile
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        self.masked_token = masked_token
+        self.config = config
+        self._folder = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
+        model.save_pretrained(self._folder.name)
+        self.llm = LLM(self._folder.name, dtype="float32", skip_tokenizer_init=True,
+                       max_model_len=model.config.max_position_embeddings, kv_cache_memory_bytes=16 << 20,
+                       enforce_eager=True, logprobs_mode="processed_logprobs", seed=0,
+                       worker_extension_cls=self.EXTENSION,
+                       weight_transfer_config=WeightTransferConfig(backend="hotweights"))
+        self.llm.init_weight_transfer_engine({"init_info": {"endpoint": endpoint, "timeout_s": config.timeout_s,
+                                                            "delta": config.delta}})
+        self.version = 0
+
+    def sync(self, min_version: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        llm = self.llm
+        llm.start_weight_update()
+        llm.update_weights({"update_info": {"version": max(1, min_version), "timeout_s": self.config.timeout_s}})
+        versions = llm.collective_rpc("get_hotweights_version")
+        llm.finish_weight_update(str(versions[0]))
+        llm.reset_prefix_cache()
+        changed = versions[0] != self.version
+        self.version = versions[0]
+        total = time.perf_counter() - t0
+        pause = max(llm.collective_rpc("get_hotweights_apply_seconds")) if changed else 0.0
+        return max(total - pause, 0.0), pause
+
+    def generate(self, prompts: torch.Tensor, group: int, max_new_tokens: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # min_tokens keeps the end token out, as the trainer's mask does; processed log-probabilities
+        # are those of that masked distribution, the one actually sampled from.
+        params = SamplingParams(n=group, temperature=1.0, max_tokens=max_new_tokens, min_tokens=max_new_tokens,
+                                seed=seed, logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,
+                                 use_tqdm=False)
+        completions, logps = [], []
+        for out in outs:
+            for c in out.outputs:
+                completions.append(list(c.token_ids))
+                logps.append([step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)])
+        return torch.tensor(completions), torch.tensor(logps)
+
+    def weights_digest(self) -> None:
+        return None
+
+    def live_version(self) -> int:
+        versions = self.llm.collective_rpc("get_hotweights_version")
+        if len(set(versions)) != 1:
+            raise HotweightsError(f"vLLM workers hold different versions: {versions}")
+        return versions[0]
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self._folder.cleanup()
+
+
 def _vllm_unavailable() -> str:
-    # The seam for a generator on a vLLM engine fed by the hotweights vLLM backend: plugging one in
-    # means adding its class to GENERATORS (keeping the Generator protocol above) and removing this.
-    return ("--generator vllm: no vLLM-backed generator is plugged into recipes/rl_generators.py "
-            "(GENERATORS) yet; use --generator hf")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("--generator vllm: vLLM is not installed (pip install 'hotweights_trainer[vllm]'); "
+                "use --generator hf")
+    return ""
 
 
-GENERATORS: dict[str, Callable[..., Any]] = {"hf": HFGenerator}
+GENERATORS: dict[str, Callable[..., Any]] = {"hf": HFGenerator, "vllm": VLLMGenerator}
 UNAVAILABLE: dict[str, Callable[[], str]] = {"vllm": _vllm_unavailable}
+
+
+def default_generator() -> str:
+    """vLLM where it is installed, else transformers' generate (said once, on stderr, by the recipe)."""
+    return "hf" if _vllm_unavailable() else "vllm"
 
 
 def check_generator(name: str) -> None:
     """Raise :class:`GeneratorUnavailable` unless ``name`` can run here (call it before starting anything)."""
-    if name in UNAVAILABLE:
-        raise GeneratorUnavailable(UNAVAILABLE[name]())
+    reason = UNAVAILABLE[name]() if name in UNAVAILABLE else ""
+    if reason:
+        raise GeneratorUnavailable(reason)
     if name not in GENERATORS:
-        known = ", ".join([*GENERATORS, *UNAVAILABLE])
+        known = ", ".join(sorted({*GENERATORS, *UNAVAILABLE}))
         raise GeneratorUnavailable(f"unknown generator {name!r}; choose one of {known}")
 
 

@@ -3,6 +3,7 @@ version was live on the generator (each carries that version's weight fingerprin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import uuid
@@ -22,7 +23,9 @@ def test_grpo_loop_learns_with_bounded_staleness(tmp_path):
                    "--endpoint", f"shm://t-{uuid.uuid4().hex[:12]}", "--out", str(out)], timeout=240)
     data = json.loads(out.read_text())
     rows, summary = data["rows"], data["summary"]
-    assert summary["problems"] == []  # every rollout's fingerprint matched its version; final weights too
+    assert summary["problems"] == []  # every rollout's version was live when it was made; final weights too
+    # Rollouts come from vLLM (the hotweights backend) wherever it is installed, as in CI.
+    assert summary["generator_name"] == ("vllm" if importlib.util.find_spec("vllm") else "hf")
     assert [r["step"] for r in rows] == list(range(1, 41))
     first = sum(r["reward"] for r in rows[:10]) / 10
     last = sum(r["reward"] for r in rows[-10:]) / 10
@@ -33,7 +36,7 @@ def test_grpo_loop_learns_with_bounded_staleness(tmp_path):
     assert "summary: " in proc.stdout
 
 
-def test_unavailable_generator_fails_before_starting_anything():
+def test_unknown_generator_fails_before_starting_anything():
     require("hf")
-    with pytest.raises(AssertionError, match="no vLLM-backed generator"):
-        launch([sys.executable, "recipes/grpo_loop.py", "--generator", "vllm"], timeout=60)
+    with pytest.raises(AssertionError, match="unknown generator 'nope'"):
+        launch([sys.executable, "recipes/grpo_loop.py", "--generator", "nope"], timeout=60)

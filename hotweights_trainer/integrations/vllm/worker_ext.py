@@ -19,3 +19,8 @@ class HotweightsWorkerExtension:
         """The hotweights version this worker's model holds (0 before the first update)."""
         engine = getattr(self, "weight_transfer_engine", None)
         return int(getattr(engine, "version", 0) or 0)
+
+    def get_hotweights_apply_seconds(self) -> float:
+        """How long this worker's last load took (the generation pause), in seconds."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        return float(getattr(engine, "last_apply_seconds", 0.0) or 0.0)
