@@ -39,9 +39,10 @@ from .control.session import open_session
 from .control.status_socket import StatusListener
 from .delta.encoder import DeltaStats
 from .delta.engine import make_publisher_delta
-from .errors import ClosedError, HotweightsError, SyncTimeoutError, VersionAbortedError
+from .errors import ClosedError, ConfigError, HotweightsError, PeerLostError, SyncTimeoutError, VersionAbortedError
 from .naming import NameMap
 from .publish_records import PublishResult, ReceiverRecord, VersionRecord, abort_kind, nack_error
+from .relay.forward import ForwardedVersion, relay_info
 from .source import iter_source
 from .transports import create_publisher_transport, parse_endpoint
 from .transports.base import PublisherTransport
@@ -79,6 +80,8 @@ class WeightPublisher:
         self._owner = owner_tag()
         self._refused = 0
         self._last_coord_error = ""
+        # Host relays among the receivers: rid -> what the relay reported (hello, then heartbeats).
+        self._relays: dict[str, dict[str, Any]] = {}
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
         self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
                                            endpoint_label=self._ep)
@@ -173,6 +176,8 @@ class WeightPublisher:
         out["publisher"] = {"endpoint": self._ep, "pid": os.getpid(), "transport": self._tx.name,
                             "coord_backend": self._session.backend, "epoch": self._session.epoch,
                             "refused_requests": self._refused, "connected": sorted(self._receivers)}
+        with self._lock:
+            out["relays"] = {rid: dict(info) for rid, info in self._relays.items()}
         return out
 
     def __enter__(self) -> "WeightPublisher":
@@ -192,9 +197,14 @@ class WeightPublisher:
     def _publish(self, source: Any, step: Optional[int]) -> PublishResult:
         cfg = self.config
         t0 = time.perf_counter()
+        # A host relay republishes buckets verified upstream, as they arrive, under the upstream
+        # version number, and commits only when the upstream fleet does (relay/forward.py).
+        fwd = source if isinstance(source, ForwardedVersion) else None
+        if fwd is not None and self._delta is not None:
+            raise ConfigError("a relay republishes dense buckets: its publisher needs delta='off'")
         with self._lock:
             try:
-                begun = self._session.begin(step)
+                begun = self._session.begin(step, fwd.version if fwd is not None else None)
             except HotweightsError as exc:
                 metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
                 raise
@@ -215,14 +225,17 @@ class WeightPublisher:
         gather = _Timed(iter_source(source, self.name_map, flush_marks=True))
         delta = DeltaStats() if self._delta is not None else None
         try:
-            planner = (self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None
+            planner = (fwd.buckets() if fwd is not None
+                       else self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None
                        else plan_buckets(gather, cfg.bucket_bytes, cfg.torch_send_dtype))
             for index, plan in enumerate(planner):
                 tp = time.perf_counter()
                 buf = self._tx.alloc(plan.total_len)
                 with self._lock:
                     rec.buffers.append(buf)
-                buf.length = self._tx.pack(buf, plan, version=version, index=index, session=self.session)
+                buf.length = (plan.write_into(buf.mem, version=version, index=index, session=self.session)
+                              if fwd is not None else
+                              self._tx.pack(buf, plan, version=version, index=index, session=self.session))
                 t_pack += time.perf_counter() - tp
                 for entry in plan.entries:
                     manifest.add(entry)
@@ -239,6 +252,8 @@ class WeightPublisher:
                 rec.decision = self._session.seal(version, rec.end["digest"], len(rec.buffers))
                 self._send(members, rec.end)
             self._wait_decision(rec)
+            if fwd is not None:
+                fwd.before_commit(version)  # upstream commits: so do we; upstream aborts: raises
             t_staged = time.perf_counter()
             with self._lock:
                 committed = self._session.commit(version)
@@ -425,6 +440,9 @@ class WeightPublisher:
                 self._tx.drop(rid, f"coordinator unavailable: {exc}")
                 return
             self._receivers[rid] = ReceiverRecord(rid, hello["pid"], live, time.monotonic())
+            relay = relay_info(hello)
+            if relay is not None:
+                self._relays[rid] = relay
             if self._delta is not None:
                 self._delta.on_join(rid, hello)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
@@ -458,6 +476,11 @@ class WeightPublisher:
         if self._delta is not None:
             self._delta.on_message(rid, msg)  # resync requests; frees resync buffers
         if op == "heartbeat":
+            report = relay_info(msg)
+            if report is not None:
+                with self._lock:
+                    if rid in self._relays:
+                        self._relays[rid] = report
             if not self._session.heartbeat(rid, msg["live_version"]) and rid in self._receivers:
                 self._tx.drop(rid, "evicted by the coordinator; reconnect to register again")
             return
@@ -490,6 +513,13 @@ class WeightPublisher:
         with self._lock:
             known = self._receivers.pop(rid, None) is not None
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
+            relay = self._relays.pop(rid, None)
+            rec = self._current
+            if relay is not None and rec is not None and rid in rec.quorum and rec.error is None:
+                # A relay stands for a whole host: going on without it would commit a version some
+                # receivers never get, so the version fails for everyone; the next one reroutes.
+                rec.error = PeerLostError(f"relay {rid} (host {relay.get('host', '?')}) was lost during "
+                                          f"version {rec.version}: {reason}")
             if self._delta is not None:
                 self._delta.on_lost(rid)
             for rec in list(self._versions.values()):
