@@ -292,7 +292,7 @@ def start_fleet(net: Netns, *, receivers: int, topology: str, port: int = 29500,
                                   "--timeout", str(max(timeout_s, 120.0))], env=env)
                     for _ in range(receivers)])
     for proc in relays:
-        proc.wait_for({"event": "ready"}, timeout_s)
+        proc.wait_for({"event": "ready"}, max(timeout_s, 90.0))  # imports on a busy machine
     return relays, rxs
 
 
