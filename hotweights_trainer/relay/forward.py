@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
+import xxhash
+
 from ..errors import HotweightsError, RelayError, SyncTimeoutError, VersionAbortedError
 from ..wire.bucket import BucketHeader, restamp
 
@@ -102,6 +104,19 @@ class RelayedVersion:
         self.decision: Optional[bool] = None  # True: committed upstream; False: aborted
         self.reason = ""
         self.t_begin = time.monotonic()
+        self.held = False  # collected but not passed on until its end (relay/node.py, on_begin)
+
+    def fingerprint(self) -> str:
+        """The content of the version: entries and payload checksum of every bucket (not the header
+        checksum, which covers the version and session)."""
+        h = xxhash.xxh3_64()
+        with self._cond:
+            for b in self._buckets:
+                hd = b.header
+                h.update(f"{hd.index}:{hd.payload_len}:{hd.payload_xxh3};".encode())
+                for e in hd.entries:
+                    h.update(f"{e.name}:{e.elem_start}:{e.elem_count}:{e.encoding};".encode())
+        return h.hexdigest()
 
     # -- upstream side (receiver callbacks: record only, never block)
     def add(self, bucket: ForwardedBucket) -> None:

@@ -264,12 +264,12 @@ class Proc:
 
 
 def start_fleet(net: Netns, *, receivers: int, topology: str, port: int = 29500, transport: str = "auto",
-                timeout_s: float = 30.0, bucket_mb: int = 4, env: Optional[dict[str, str]] = None
-                ) -> tuple[list[Proc], list[list[Proc]]]:
+                timeout_s: float = 30.0, bucket_mb: int = 4, env: Optional[dict[str, str]] = None,
+                verbose: bool = False) -> tuple[list[Proc], list[list[Proc]]]:
     """Relays and receivers on hosts 1..H-1 (host 0 is the publisher's). ``topology``: ``chain``
     (each relay follows the previous host's), ``tree`` (every relay follows the publisher) or
     ``star`` (no relays: every receiver follows the publisher over the network)."""
-    py = [sys.executable, "-m", "hotweights_trainer"]
+    py = [sys.executable, "-m", "hotweights_trainer", *(["-v"] if verbose else [])]
     common = ["--timeout", str(timeout_s)]
     env = env or child_env()
     relays: list[Proc] = []

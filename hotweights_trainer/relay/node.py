@@ -56,6 +56,7 @@ class HostRelay:
         self._current: Optional[RelayedVersion] = None
         self._forwarded = 0  # last version committed upstream and passed on
         self._forwarded_session: Optional[int] = None
+        self._forwarded_fp: Optional[str] = None  # content fingerprint of that version
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
         self._pubs: list[WeightPublisher] = []
@@ -149,12 +150,20 @@ class HostRelay:
                                 # late-bound: a catch-up can begin before __init__ stored the receiver
                                 lambda v: self._rx.confirm_staged(v), lambda v, e: self._rx.reject_staged(v, e))
             self._current = rv
-            self._threads = [t for t in self._threads if t.is_alive()]
-            for i, pub in enumerate(self._pubs):
-                t = threading.Thread(target=self._drive, args=(pub, rv, i), daemon=True,
-                                     name=f"hotweights-relay-v{version}-{i}")
-                self._threads.append(t)
-                t.start()
+            rv.held = version <= self._forwarded
+            if not rv.held:
+                self._start(rv)
+            # else: a catch-up from a new upstream session (the relay before us restarted). Hold it
+            # until its end: when its bytes are the version we passed on, forwarding it again would
+            # renumber everything behind us; otherwise it goes on (on_end).
+
+    def _start(self, rv: RelayedVersion) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        for i, pub in enumerate(self._pubs):
+            t = threading.Thread(target=self._drive, args=(pub, rv, i), daemon=True,
+                                 name=f"hotweights-relay-v{rv.version}-{i}")
+            self._threads.append(t)
+            t.start()
 
     def on_bucket(self, version: int, index: int, header: Any, data: memoryview) -> None:
         rv = self._current
@@ -166,6 +175,12 @@ class HostRelay:
         if rv is None or rv.version != version:
             return False  # nothing forwarded (a catch-up we already have): answer staged at once
         rv.end(n_buckets)
+        if rv.held:
+            if rv.fingerprint() == self._forwarded_fp:
+                log.info("relay: version %d from a new upstream session is the one already passed on", version)
+                self._current = None
+                return False
+            self._start(rv)
         return True
 
     def on_decision(self, version: int, committed: bool, reason: str) -> None:
@@ -178,6 +193,7 @@ class HostRelay:
             if committed:
                 self._forwarded = version
                 self._forwarded_session = rv.session
+                self._forwarded_fp = rv.fingerprint()
 
     # ---------------------------------------------------------------- one downstream fleet, one version
     def _drive(self, pub: WeightPublisher, rv: RelayedVersion, i: int) -> None:

@@ -7,6 +7,7 @@ processes everywhere (``hotweights relay``, ``hotweights receive``, a publisher 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -37,6 +38,18 @@ def _driver(net: Netns, env: dict) -> object:
     return proc
 
 
+@contextlib.contextmanager
+def _logs_on_failure(*groups):
+    """On a failure, print the last log lines of these processes (pytest shows them with the failure)."""
+    try:
+        yield
+    except BaseException:
+        for proc in [p for g in groups for p in g]:
+            print(f"--- pid {proc.pid} host {proc.host}: {' '.join(proc.popen.args[4:8])}\n"
+                  + "".join(proc.stderr[-40:]))
+        raise
+
+
 def _cmd(proc, line: str) -> None:
     proc.popen.stdin.write(line + "\n")
     proc.popen.stdin.flush()
@@ -58,7 +71,7 @@ def _applied(rxs, version: int, digest: str, timeout: float = 30) -> None:
 def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
     with Netns(4, rate=RATE) as net:  # publisher host + 3 receiver hosts x 2 receivers
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=fleet_env)
+                                  env=fleet_env, verbose=True)
         pub = _driver(net, fleet_env)
         _cmd(pub, "wait 1")
         pub.wait_for({"event": "waited"}, 60)
@@ -103,74 +116,76 @@ def _tree_hosts(status: dict) -> list[dict]:
 def test_relay_killed_mid_version_aborts_everywhere_then_next_version_succeeds(fleet_env):
     with Netns(4, rate=RATE) as net:
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=fleet_env)
+                                  env=fleet_env, verbose=True)
         pub = _driver(net, fleet_env)
-        _cmd(pub, "wait 1")
-        pub.wait_for({"event": "waited"}, 60)
-        first = _publish(pub, 1)
-        assert first["event"] == "published", first
-        _applied(rxs, first["version"], first["digest"])
+        with _logs_on_failure(relays, [pub]):
+            _cmd(pub, "wait 1")
+            pub.wait_for({"event": "waited"}, 60)
+            first = _publish(pub, 1)
+            assert first["event"] == "published", first
+            _applied(rxs, first["version"], first["digest"])
 
-        _cmd(pub, "publish 2")
-        time.sleep(0.4)  # the version is on the wire between hosts
-        victim = relays[1]  # the middle of the chain: host 3 is behind it
-        assert victim.poll() is None
-        net.stop(victim, sig=9)
-        failed = pub.wait_for({"seed": 2}, 4 * TIMEOUT_S)
-        assert failed["event"] == "failed", f"version went through although a relay died: {failed}"
-        assert failed["seconds"] < 3 * TIMEOUT_S
-        time.sleep(1.0)
-        for host in rxs:
-            for rx in host:  # nobody, on any host, applied any part of the aborted version
-                assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
+            _cmd(pub, "publish 2")
+            time.sleep(0.4)  # the version is on the wire between hosts
+            victim = relays[1]  # the middle of the chain: host 3 is behind it
+            assert victim.poll() is None
+            net.stop(victim, sig=9)
+            failed = pub.wait_for({"seed": 2}, 4 * TIMEOUT_S)
+            assert failed["event"] == "failed", f"version went through although a relay died: {failed}"
+            assert failed["seconds"] < 3 * TIMEOUT_S
+            time.sleep(1.0)
+            for host in rxs:
+                for rx in host:  # nobody, on any host, applied any part of the aborted version
+                    assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
 
-        # The relay comes back; the next version reaches every receiver on every host.
-        argv = list(victim.popen.args[4:])
-        relays[1] = net.spawn(victim.host, argv, env=fleet_env)
-        relays[1].wait_for({"event": "ready"}, 60)
-        deadline = time.monotonic() + 30
-        for seed in range(3, 100):
-            row = _publish(pub, seed)
-            if row["event"] == "published" or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)  # the restarted relay may still be joining; a refused version is retried
-        assert row["event"] == "published", row
-        _applied(rxs, row["version"], row["digest"])
+            # The relay comes back; the next version reaches every receiver on every host.
+            argv = list(victim.popen.args[4:])
+            relays[1] = net.spawn(victim.host, argv, env=fleet_env)
+            relays[1].wait_for({"event": "ready"}, 60)
+            deadline = time.monotonic() + 30
+            for seed in range(3, 100):
+                row = _publish(pub, seed)
+                if row["event"] == "published" or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)  # the restarted relay may still be joining; a refused version is retried
+            assert row["event"] == "published", row
+            _applied(rxs, row["version"], row["digest"])
 
 
 def test_link_down_mid_version_aborts_within_deadline_and_host_catches_up(fleet_env):
     with Netns(4, rate=RATE) as net:
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=fleet_env)
+                                  env=fleet_env, verbose=True)
         pub = _driver(net, fleet_env)
-        _cmd(pub, "wait 1")
-        pub.wait_for({"event": "waited"}, 60)
-        first = _publish(pub, 1)
-        assert first["event"] == "published", first
-        _applied(rxs, first["version"], first["digest"])
+        with _logs_on_failure(relays, [pub]):
+            _cmd(pub, "wait 1")
+            pub.wait_for({"event": "waited"}, 60)
+            first = _publish(pub, 1)
+            assert first["event"] == "published", first
+            _applied(rxs, first["version"], first["digest"])
 
-        _cmd(pub, "publish 2")
-        time.sleep(0.4)
-        net.link(3, up=False)  # the last host of the chain loses its cable mid-version
-        t0 = time.monotonic()
-        failed = pub.wait_for({"seed": 2}, 6 * TIMEOUT_S)
-        assert failed["event"] == "failed", failed
-        assert time.monotonic() - t0 < 3 * TIMEOUT_S + 5, "the abort did not come within the deadlines"
-        for host in rxs:
-            for rx in host:
-                assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
+            _cmd(pub, "publish 2")
+            time.sleep(0.4)
+            net.link(3, up=False)  # the last host of the chain loses its cable mid-version
+            t0 = time.monotonic()
+            failed = pub.wait_for({"seed": 2}, 6 * TIMEOUT_S)
+            assert failed["event"] == "failed", failed
+            assert time.monotonic() - t0 < 3 * TIMEOUT_S + 5, "the abort did not come within the deadlines"
+            for host in rxs:
+                for rx in host:
+                    assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
 
-        net.link(3, up=True)
-        deadline = time.monotonic() + 60
-        for seed in range(3, 100):  # host 3 reconnects and catches up; until then its relay is not in the quorum
-            row = _publish(pub, seed)
-            if row["event"] == "published":
-                try:
-                    _applied(rxs, row["version"], row["digest"], timeout=15)
-                    break
-                except Exception:  # noqa: BLE001 - host 3 not back yet: publish again, bounded by deadline
-                    if time.monotonic() > deadline:
-                        raise
-            elif time.monotonic() > deadline:
-                pytest.fail(f"no version reached every host after the link came back: {row}")
-            time.sleep(1.0)
+            net.link(3, up=True)
+            deadline = time.monotonic() + 60
+            for seed in range(3, 100):  # host 3 reconnects and catches up; until then its relay is not in the quorum
+                row = _publish(pub, seed)
+                if row["event"] == "published":
+                    try:
+                        _applied(rxs, row["version"], row["digest"], timeout=15)
+                        break
+                    except Exception:  # noqa: BLE001 - host 3 not back yet: publish again, bounded by deadline
+                        if time.monotonic() > deadline:
+                            raise
+                elif time.monotonic() > deadline:
+                    pytest.fail(f"no version reached every host after the link came back: {row}")
+                time.sleep(1.0)
