@@ -176,8 +176,9 @@ class WeightPublisher:
         out["publisher"] = {"endpoint": self._ep, "pid": os.getpid(), "transport": self._tx.name,
                             "coord_backend": self._session.backend, "epoch": self._session.epoch,
                             "refused_requests": self._refused, "connected": sorted(self._receivers)}
-        with self._lock:
-            out["relays"] = {rid: dict(info) for rid, info in self._relays.items()}
+        # Without the lock: a post may hold it for up to timeout_s, and a relay's heartbeat reports
+        # this status upstream; a stalled heartbeat would get the relay evicted. dict() is atomic.
+        out["relays"] = dict(self._relays)
         return out
 
     def __enter__(self) -> "WeightPublisher":
@@ -513,13 +514,7 @@ class WeightPublisher:
         with self._lock:
             known = self._receivers.pop(rid, None) is not None
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
-            relay = self._relays.pop(rid, None)
-            rec = self._current
-            if relay is not None and rec is not None and rid in rec.quorum and rec.error is None:
-                # A relay stands for a whole host: going on without it would commit a version some
-                # receivers never get, so the version fails for everyone; the next one reroutes.
-                rec.error = PeerLostError(f"relay {rid} (host {relay.get('host', '?')}) was lost during "
-                                          f"version {rec.version}: {reason}")
+            self._relay_lost(rid, reason)
             if self._delta is not None:
                 self._delta.on_lost(rid)
             for rec in list(self._versions.values()):
@@ -555,10 +550,21 @@ class WeightPublisher:
                 self._coordinator_failed("a sweep", exc)
                 return
             for rid in swept["evicted"]:
+                self._relay_lost(rid, "evicted: no heartbeat")  # before the decision below counts it out
                 self._tx.drop(rid, f"no heartbeat for {self.config.heartbeat_ttl_s:.1f}s (evicted)")
             self._released(swept["released"])
             self._expired(swept["expired"])
             self._set_decision(swept["decision"])
+
+    def _relay_lost(self, rid: str, reason: str) -> None:
+        """A relay left (lock held). It stands for a whole host: going on without it would commit a
+        version some receivers never get, so the version in flight fails for everyone."""
+        relay = self._relays.pop(rid, None)
+        rec = self._current
+        if relay is not None and rec is not None and rid in rec.quorum and rec.error is None:
+            rec.error = PeerLostError(f"relay {rid} (host {relay.get('host', '?')}) was lost during "
+                                      f"version {rec.version}: {reason}")
+            self._cond.notify_all()
 
     def _catch_up(self, rid: str, rec: VersionRecord) -> None:
         """Send the committed version ``rec`` in full to one receiver (late join)."""

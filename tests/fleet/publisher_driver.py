@@ -45,6 +45,7 @@ def main() -> int:
             elif cmd == "publish":
                 seed = int(rest[0])
                 weights = synthetic_weights(args.mb, seed)
+                say(event="publishing", seed=seed)  # the fault tests time their fault from here
                 t0 = time.monotonic()
                 try:
                     res = pub.publish(weights, step=seed)

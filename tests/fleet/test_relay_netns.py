@@ -19,8 +19,8 @@ from hotweights_trainer.relay.netns import Netns, child_env, start_fleet
 from tests.conftest import ROOT, require
 
 PORT = 29500
-MB = 16.0
-RATE = "300mbit"  # 16 MB per hop ~0.45 s: long enough to kill or unplug something mid-version
+MB = 24.0
+RATE = "200mbit"  # 24 MB take >= 0.96 s on the first link: a fault 0.3 s in is surely mid-version
 TIMEOUT_S = 8.0
 
 
@@ -57,7 +57,26 @@ def _cmd(proc, line: str) -> None:
 
 def _publish(proc, seed: int, timeout: float = 60) -> dict:
     _cmd(proc, f"publish {seed}")
-    return proc.wait_for({"seed": seed}, timeout)
+    return _result(proc, seed, timeout)
+
+
+def _result(proc, seed: int, timeout: float) -> dict:
+    """The outcome line of ``publish SEED``: ``published`` or ``failed``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for row in proc.matching({"seed": seed}):
+            if row["event"] in ("published", "failed"):
+                return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no outcome of publish {seed} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _start_publish(proc, seed: int) -> None:
+    """Send ``publish SEED`` and return once the publisher is about to send (weights generated)."""
+    _cmd(proc, f"publish {seed}")
+    proc.wait_for({"seed": seed, "event": "publishing"}, 60)
+    time.sleep(0.3)
 
 
 def _applied(rxs, version: int, digest: str, timeout: float = 30) -> None:
@@ -125,12 +144,11 @@ def test_relay_killed_mid_version_aborts_everywhere_then_next_version_succeeds(f
             assert first["event"] == "published", first
             _applied(rxs, first["version"], first["digest"])
 
-            _cmd(pub, "publish 2")
-            time.sleep(0.4)  # the version is on the wire between hosts
+            _start_publish(pub, 2)  # the version is on the wire between hosts
             victim = relays[1]  # the middle of the chain: host 3 is behind it
             assert victim.poll() is None
             net.stop(victim, sig=9)
-            failed = pub.wait_for({"seed": 2}, 4 * TIMEOUT_S)
+            failed = _result(pub, 2, 4 * TIMEOUT_S)
             assert failed["event"] == "failed", f"version went through although a relay died: {failed}"
             assert failed["seconds"] < 3 * TIMEOUT_S
             time.sleep(1.0)
@@ -164,11 +182,10 @@ def test_link_down_mid_version_aborts_within_deadline_and_host_catches_up(fleet_
             assert first["event"] == "published", first
             _applied(rxs, first["version"], first["digest"])
 
-            _cmd(pub, "publish 2")
-            time.sleep(0.4)
+            _start_publish(pub, 2)
             net.link(3, up=False)  # the last host of the chain loses its cable mid-version
             t0 = time.monotonic()
-            failed = pub.wait_for({"seed": 2}, 6 * TIMEOUT_S)
+            failed = _result(pub, 2, 6 * TIMEOUT_S)
             assert failed["event"] == "failed", failed
             assert time.monotonic() - t0 < 3 * TIMEOUT_S + 5, "the abort did not come within the deadlines"
             for host in rxs:
