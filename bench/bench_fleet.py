@@ -44,7 +44,8 @@ def run_one(mode: str, hosts: int, receivers: int, mb: float, rate: str, version
                     timeout_s=timeout_s, bucket_mb=bucket_mb, env=env)
         members = 1 if mode == "relay" else hosts * receivers
         pub = net.spawn(0, [sys.executable, "-m", "hotweights_trainer", "publish", "--endpoint",
-                            f"tcp://{net.ip(0)}:{PORT}", "--transport", transport, "--json", "--size-mb", str(mb),
+                            f"tcp://{net.ip(0)}:{PORT}", "--transport", transport, "--json",
+                            "--size-mb", str(mb),
                             "--versions", str(versions), "--receivers", str(members), "--bucket-mb",
                             str(bucket_mb), "--timeout", str(timeout_s)], env=env)
         times = []
@@ -78,7 +79,8 @@ def main() -> int:
         print(f"bench_fleet: skipped: network namespaces unavailable here ({why})")
         return 0
     host_counts = [int(h) for h in args.hosts.split(",")]
-    rate_mbps = float(args.rate.lower().removesuffix("mbit")) / 8 if args.rate.lower().endswith("mbit") else None
+    rate = args.rate.lower()
+    rate_mbps = float(rate.removesuffix("mbit")) / 8 if rate.endswith("mbit") else None
     rows = []
     for mode in args.modes.split(","):
         base = None
@@ -88,13 +90,15 @@ def main() -> int:
             best = min(times[1:] or times)
             base = base if base is not None else best
             rows.append((mode, hosts, best, best / base))
-            print(f"... {mode} x{hosts}: {', '.join(f'{t:.2f}' for t in times)} s", file=sys.stderr, flush=True)
+            print(f"... {mode} x{hosts}: {', '.join(f'{t:.2f}' for t in times)} s", file=sys.stderr,
+                  flush=True)
     ideal = args.mb / rate_mbps if rate_mbps else float("nan")
     print()
     print(f"payload {args.mb:.0f} MB, {args.receivers} receivers per host, links {args.rate} each way "
           f"(one copy over one link: {ideal:.2f} s), bucket {args.bucket_mb} MiB")
     print()
-    print("| mode | hosts | receivers | seconds | vs 1st host count | copies on publisher link | MB/s delivered |")
+    print("| mode | hosts | receivers | seconds | vs 1st host count | copies on publisher link "
+          "| MB/s delivered |")
     print("|---|---|---|---|---|---|---|")
     for mode, hosts, best, ratio in rows:
         # gloo's broadcast algorithm decides how many copies leave the publisher: at most one per receiver.

@@ -39,7 +39,8 @@ from .control.session import open_session
 from .control.status_socket import StatusListener
 from .delta.encoder import DeltaStats
 from .delta.engine import make_publisher_delta
-from .errors import ClosedError, ConfigError, HotweightsError, PeerLostError, SyncTimeoutError, VersionAbortedError
+from .errors import (ClosedError, ConfigError, HotweightsError, PeerLostError, SyncTimeoutError,
+                     VersionAbortedError)
 from .naming import NameMap
 from .publish_records import PublishResult, ReceiverRecord, VersionRecord, abort_kind, nack_error
 from .relay.forward import ForwardedVersion, relay_info

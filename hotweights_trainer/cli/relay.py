@@ -19,7 +19,8 @@ import time
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("relay", help="host relay: one network copy per host, republished to local receivers",
                        description=__doc__)
-    p.add_argument("--upstream", required=True, help="tcp://HOST:PORT of the publisher or the previous host's relay")
+    p.add_argument("--upstream", required=True,
+                   help="tcp://HOST:PORT of the publisher or the previous host's relay")
     p.add_argument("--local", required=True, action="append",
                    help="shm://NAME this host's receivers follow (unique per host; repeatable)")
     p.add_argument("--serve", action="append", default=[],
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: HOTWEIGHTS_TIMEOUT_S)")
     p.add_argument("--bucket-mb", type=int, default=None, help="bucket size (must match the publisher's "
                    "to keep the pipeline fine-grained; default HOTWEIGHTS_BUCKET_MB)")
-    p.add_argument("--versions", type=int, default=0, help="exit after passing on this many versions (0: run)")
+    p.add_argument("--versions", type=int, default=0,
+                   help="exit after passing on this many versions (0: run)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=run)
 

@@ -118,7 +118,8 @@ def relay_tree(relays: dict[str, Any], committed: int, indent: str) -> list[str]
         worst = max((committed - r.get("live_version", 0) for r in local), default=0)
         where = ", ".join(str(f.get("endpoint")) for f in info.get("fleets", []))
         lines.append(f"{indent}host {info.get('host', '?')} ({where}): relay at version {version}, lag "
-                     f"{max(committed - version, 0)}; {len(local)} local receiver(s), worst lag {max(worst, 0)}")
+                     f"{max(committed - version, 0)}; {len(local)} local receiver(s), "
+                     f"worst lag {max(worst, 0)}")
         for f in info.get("fleets", []):
             if f.get("error"):
                 lines.append(f"{indent}  {f.get('endpoint')}: {f['error']}")

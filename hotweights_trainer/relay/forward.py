@@ -51,7 +51,8 @@ def relay_info(msg: dict[str, Any]) -> Optional[dict[str, Any]]:
     if not isinstance(info, dict) or not isinstance(info.get("host"), str):
         return None
     if len(json.dumps(info)) > MAX_REPORT_BYTES:
-        log.warning("relay report from host %s exceeds %d bytes; ignored", info["host"][:64], MAX_REPORT_BYTES)
+        log.warning("relay report from host %s exceeds %d bytes; ignored", info["host"][:64],
+                    MAX_REPORT_BYTES)
         return None
     return info
 

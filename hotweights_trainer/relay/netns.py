@@ -135,8 +135,8 @@ class Netns:
         self._made.append(ns)
 
     def shape(self, ns: str, dev: str) -> None:
-        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", str(self.rate),
-              "burst", self.burst, "latency", self.latency])
+        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+              "rate", str(self.rate), "burst", self.burst, "latency", self.latency])
 
     def link(self, i: int, up: bool) -> None:
         """Take host ``i``'s link down (a cable pulled) or bring it back."""
@@ -168,7 +168,8 @@ class Netns:
                 proc.wait(timeout=timeout)
 
     def close(self) -> None:
-        """Stop every process started here, then delete every namespace (their veths and the bridge go too)."""
+        """Stop every process started here, then delete every namespace (with them their veths and the
+        bridge)."""
         for proc in self._procs:
             try:
                 self.stop(proc, signal.SIGKILL, timeout=5.0)
@@ -193,7 +194,8 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment for the fleet's processes: this package importable, UCX quiet."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
     env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     env.update(extra)
     return env
@@ -254,8 +256,8 @@ class Proc:
                     if all(r.get(k) == v for k, v in want.items()):
                         return r
                 if self._done == 2:
-                    raise NetnsError(f"pid {self.pid} on host {self.host} exited ({self.popen.poll()}) before "
-                                     f"printing {want}: {''.join(self.stderr[-20:])[-2000:]}")
+                    raise NetnsError(f"pid {self.pid} on host {self.host} exited ({self.popen.poll()}) "
+                                     f"before printing {want}: {''.join(self.stderr[-20:])[-2000:]}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise NetnsError(f"pid {self.pid} on host {self.host}: no line with {want} within "
@@ -288,9 +290,9 @@ def start_fleet(net: Netns, *, receivers: int, topology: str, port: int = 29500,
             relays.append(net.spawn(i, argv, env=env))
             endpoint = net.local(i)
         rx_transport = transport if topology == "star" else "auto"
-        rxs.append([net.spawn(i, [*py, "receive", "--endpoint", endpoint, "--json", "--transport", rx_transport,
-                                  "--timeout", str(max(timeout_s, 120.0))], env=env)
-                    for _ in range(receivers)])
+        rx_argv = [*py, "receive", "--endpoint", endpoint, "--json", "--transport", rx_transport,
+                   "--timeout", str(max(timeout_s, 120.0))]
+        rxs.append([net.spawn(i, rx_argv, env=env) for _ in range(receivers)])
     for proc in relays:
         proc.wait_for({"event": "ready"}, max(timeout_s, 90.0))  # imports on a busy machine
     return relays, rxs

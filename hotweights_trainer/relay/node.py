@@ -134,7 +134,7 @@ class HostRelay:
                            "relays": st.get("relays", {})})
         return {"host": self.host, "upstream": self.upstream, "version": self._forwarded, "fleets": fleets}
 
-    # ---------------------------------------------------------------- StagingObserver (receiver thread, lock held)
+    # ---------------------------------------------------- StagingObserver (receiver thread, lock held)
     def heartbeat_fields(self) -> dict[str, Any]:
         return {"relay": self.report()}
 
@@ -148,7 +148,8 @@ class HostRelay:
                 return
             rv = RelayedVersion(version, session, step, len(self._pubs), self.config.timeout_s,
                                 # late-bound: a catch-up can begin before __init__ stored the receiver
-                                lambda v: self._rx.confirm_staged(v), lambda v, e: self._rx.reject_staged(v, e))
+                                lambda v: self._rx.confirm_staged(v),
+                                lambda v, e: self._rx.reject_staged(v, e))
             self._current = rv
             rv.held = version <= self._forwarded
             if not rv.held:
@@ -177,7 +178,8 @@ class HostRelay:
         rv.end(n_buckets)
         if rv.held:
             if rv.fingerprint() == self._forwarded_fp:
-                log.info("relay: version %d from a new upstream session is the one already passed on", version)
+                log.info("relay: version %d from a new upstream session is the one already passed on",
+                         version)
                 self._current = None
                 return False
             self._start(rv)

@@ -24,7 +24,8 @@ from tests.conftest import free_port
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(300_000, generator=g), "b.weight": torch.randn(64, 64, generator=g).bfloat16()}
+    return {"a.weight": torch.randn(300_000, generator=g),
+            "b.weight": torch.randn(64, 64, generator=g).bfloat16()}
 
 
 class _Store:

@@ -103,14 +103,14 @@ def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
             assert [r["version"] for r in proc.matching({"event": "version"})][-1] == row["version"]
         time.sleep(2.5)  # two heartbeats carry the relays' reports up the chain
         out = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
-                              "status", f"tcp://{net.ip(0)}:{PORT}", "--json"], capture_output=True, text=True,
-                             timeout=60, env=fleet_env)
+                              "status", f"tcp://{net.ip(0)}:{PORT}", "--json"], capture_output=True,
+                             text=True, timeout=60, env=fleet_env)
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
         hosts = _tree_hosts(status)
         assert len(hosts) == 3 and all(h["version"] == row["version"] for h in hosts), hosts
-        assert all(len(h["receivers"]) == 2 and all(r["live_version"] == row["version"] for r in h["receivers"])
-                   for h in hosts), hosts
+        assert all(len(h["receivers"]) == 2 for h in hosts), hosts
+        assert all(r["live_version"] == row["version"] for h in hosts for r in h["receivers"]), hosts
         text = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
                                "status", f"tcp://{net.ip(0)}:{PORT}"], capture_output=True, text=True,
                               timeout=60, env=fleet_env)
@@ -132,77 +132,75 @@ def _tree_hosts(status: dict) -> list[dict]:
     return out
 
 
-def test_relay_killed_mid_version_aborts_everywhere_then_next_version_succeeds(fleet_env):
+@contextlib.contextmanager
+def _chain_with_one_version(env: dict):
+    """Publisher host + 3 relay hosts x 2 receivers, chained, with version 1 applied everywhere;
+    the relays' logs are printed if the test fails."""
     with Netns(4, rate=RATE) as net:
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=fleet_env, verbose=True)
-        pub = _driver(net, fleet_env)
+                                  env=env, verbose=True)
+        pub = _driver(net, env)
         with _logs_on_failure(relays, [pub]):
             _cmd(pub, "wait 1")
             pub.wait_for({"event": "waited"}, 60)
             first = _publish(pub, 1)
             assert first["event"] == "published", first
             _applied(rxs, first["version"], first["digest"])
+            yield net, relays, rxs, pub, first
 
-            _start_publish(pub, 2)  # the version is on the wire between hosts
-            victim = relays[1]  # the middle of the chain: host 3 is behind it
-            assert victim.poll() is None
-            net.stop(victim, sig=9)
-            failed = _result(pub, 2, 4 * TIMEOUT_S)
-            assert failed["event"] == "failed", f"version went through although a relay died: {failed}"
-            assert failed["seconds"] < 3 * TIMEOUT_S
-            time.sleep(1.0)
-            for host in rxs:
-                for rx in host:  # nobody, on any host, applied any part of the aborted version
-                    assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
 
-            # The relay comes back; the next version reaches every receiver on every host.
-            argv = list(victim.popen.args[4:])
-            relays[1] = net.spawn(victim.host, argv, env=fleet_env)
-            relays[1].wait_for({"event": "ready"}, 60)
-            deadline = time.monotonic() + 30
-            for seed in range(3, 100):
-                row = _publish(pub, seed)
-                if row["event"] == "published" or time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)  # the restarted relay may still be joining; a refused version is retried
-            assert row["event"] == "published", row
-            _applied(rxs, row["version"], row["digest"])
+def test_relay_killed_mid_version_aborts_everywhere_then_next_version_succeeds(fleet_env):
+    with _chain_with_one_version(fleet_env) as (net, relays, rxs, pub, first):
+        _start_publish(pub, 2)  # the version is on the wire between hosts
+        victim = relays[1]  # the middle of the chain: host 3 is behind it
+        assert victim.poll() is None
+        net.stop(victim, sig=9)
+        failed = _result(pub, 2, 4 * TIMEOUT_S)
+        assert failed["event"] == "failed", f"version went through although a relay died: {failed}"
+        assert failed["seconds"] < 3 * TIMEOUT_S
+        time.sleep(1.0)
+        for host in rxs:
+            for rx in host:  # nobody, on any host, applied any part of the aborted version
+                assert {r["digest"] for r in rx.matching({"role": "receiver"})} == {first["digest"]}, rx.rows
+
+        # The relay comes back; the next version reaches every receiver on every host.
+        argv = list(victim.popen.args[4:])
+        relays[1] = net.spawn(victim.host, argv, env=fleet_env)
+        relays[1].wait_for({"event": "ready"}, 60)
+        deadline = time.monotonic() + 30
+        for seed in range(3, 100):
+            row = _publish(pub, seed)
+            if row["event"] == "published" or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # the restarted relay may still be joining; a refused version is retried
+        assert row["event"] == "published", row
+        _applied(rxs, row["version"], row["digest"])
 
 
 def test_link_down_mid_version_aborts_within_deadline_and_host_catches_up(fleet_env):
-    with Netns(4, rate=RATE) as net:
-        relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=fleet_env, verbose=True)
-        pub = _driver(net, fleet_env)
-        with _logs_on_failure(relays, [pub]):
-            _cmd(pub, "wait 1")
-            pub.wait_for({"event": "waited"}, 60)
-            first = _publish(pub, 1)
-            assert first["event"] == "published", first
-            _applied(rxs, first["version"], first["digest"])
+    with _chain_with_one_version(fleet_env) as (net, relays, rxs, pub, first):
+        _start_publish(pub, 2)
+        net.link(3, up=False)  # the last host of the chain loses its cable mid-version
+        t0 = time.monotonic()
+        failed = _result(pub, 2, 6 * TIMEOUT_S)
+        assert failed["event"] == "failed", failed
+        assert time.monotonic() - t0 < 3 * TIMEOUT_S + 5, "the abort did not come within the deadlines"
+        for host in rxs:
+            for rx in host:
+                assert {r["digest"] for r in rx.matching({"role": "receiver"})} == {first["digest"]}, rx.rows
 
-            _start_publish(pub, 2)
-            net.link(3, up=False)  # the last host of the chain loses its cable mid-version
-            t0 = time.monotonic()
-            failed = _result(pub, 2, 6 * TIMEOUT_S)
-            assert failed["event"] == "failed", failed
-            assert time.monotonic() - t0 < 3 * TIMEOUT_S + 5, "the abort did not come within the deadlines"
-            for host in rxs:
-                for rx in host:
-                    assert all(r["digest"] == first["digest"] for r in rx.matching({"role": "receiver"})), rx.rows
-
-            net.link(3, up=True)
-            deadline = time.monotonic() + 60
-            for seed in range(3, 100):  # host 3 reconnects and catches up; until then its relay is not in the quorum
-                row = _publish(pub, seed)
-                if row["event"] == "published":
-                    try:
-                        _applied(rxs, row["version"], row["digest"], timeout=15)
-                        break
-                    except Exception:  # noqa: BLE001 - host 3 not back yet: publish again, bounded by deadline
-                        if time.monotonic() > deadline:
-                            raise
-                elif time.monotonic() > deadline:
-                    pytest.fail(f"no version reached every host after the link came back: {row}")
-                time.sleep(1.0)
+        net.link(3, up=True)
+        deadline = time.monotonic() + 60
+        # Host 3 reconnects and catches up; until then its relay is not in the quorum.
+        for seed in range(3, 100):
+            row = _publish(pub, seed)
+            if row["event"] == "published":
+                try:
+                    _applied(rxs, row["version"], row["digest"], timeout=15)
+                    break
+                except Exception:  # noqa: BLE001 - host 3 not back yet: publish again until the deadline
+                    if time.monotonic() > deadline:
+                        raise
+            elif time.monotonic() > deadline:
+                pytest.fail(f"no version reached every host after the link came back: {row}")
+            time.sleep(1.0)
