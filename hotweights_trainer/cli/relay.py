@@ -19,8 +19,9 @@ import time
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("relay", help="host relay: one network copy per host, republished to local receivers",
                        description=__doc__)
-    p.add_argument("--upstream", required=True,
-                   help="tcp://HOST:PORT of the publisher or the previous host's relay")
+    p.add_argument("--upstream", required=True, action="append",
+                   help="tcp://HOST:PORT of the publisher or the previous host's relay; repeat it to give "
+                        "fallbacks, followed in order when the current one stays unreachable")
     p.add_argument("--local", required=True, action="append",
                    help="shm://NAME this host's receivers follow (unique per host; repeatable)")
     p.add_argument("--serve", action="append", default=[],
@@ -55,9 +56,13 @@ def run(args: argparse.Namespace) -> int:
     with HostRelay(args.upstream, [*args.local, *args.serve], config=cfg) as relay:
         emit(event="ready", host=relay.host, upstream=relay.upstream, downstream=relay.downstream)
         seen = relay.version
+        following = relay.upstream
         passed = 0
         while not stop.is_set() and (not args.versions or passed < args.versions):
             relay.poll()
+            if relay.upstream != following:
+                following = relay.upstream
+                emit(event="upstream", upstream=following)
             v = relay.version
             if v != seen:
                 seen = v

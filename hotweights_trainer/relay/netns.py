@@ -267,10 +267,11 @@ class Proc:
 
 def start_fleet(net: Netns, *, receivers: int, topology: str, port: int = 29500, transport: str = "auto",
                 timeout_s: float = 30.0, bucket_mb: int = 4, env: Optional[dict[str, str]] = None,
-                verbose: bool = False) -> tuple[list[Proc], list[list[Proc]]]:
+                verbose: bool = False, fallback: bool = False) -> tuple[list[Proc], list[list[Proc]]]:
     """Relays and receivers on hosts 1..H-1 (host 0 is the publisher's). ``topology``: ``chain``
     (each relay follows the previous host's), ``tree`` (every relay follows the publisher) or
-    ``star`` (no relays: every receiver follows the publisher over the network)."""
+    ``star`` (no relays: every receiver follows the publisher over the network). ``fallback``
+    (chain): each relay also lists the host two up the chain, to route around a dead relay."""
     py = [sys.executable, "-m", "hotweights_trainer", *(["-v"] if verbose else [])]
     common = ["--timeout", str(timeout_s)]
     env = env or child_env()
@@ -285,6 +286,8 @@ def start_fleet(net: Netns, *, receivers: int, topology: str, port: int = 29500,
         else:
             argv = [*py, "relay", "--upstream", upstream, "--local", net.local(i), "--json", "--transport",
                     transport, "--bucket-mb", str(bucket_mb), *common]
+            if fallback and topology == "chain" and i > 1:
+                argv += ["--upstream", f"tcp://{net.ip(i - 2)}:{port}"]
             if topology == "chain" and i < net.n_hosts - 1:
                 argv += ["--serve", f"tcp://{net.ip(i)}:{port}"]
             relays.append(net.spawn(i, argv, env=env))

@@ -9,7 +9,10 @@ Failure handling follows from the engine: a relay that dies is a lost receiver o
 publisher, which aborts the version in flight because a relay stands for a whole host
 (``publisher.py``, ``on_lost``); the hosts behind it lose their upstream and discard it; everyone
 else applies nothing of it. When the relay comes back it connects again, is sent the last
-committed version (catch-up), passes it on, and the hosts behind it follow again.
+committed version (catch-up), passes it on, and the hosts behind it follow again. A relay given
+several upstreams (the previous host's relay, then one further up) routes around a dead one: when
+its upstream stays unreachable for ``heartbeat_ttl_s`` -- the time after which the fleet itself
+counts a silent peer as gone -- it follows the next upstream in its list and catches up from there.
 """
 
 from __future__ import annotations
@@ -44,13 +47,19 @@ class HostRelay:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, upstream: str, downstream: Sequence[str], *, config: Optional[SyncConfig] = None):
+    def __init__(self, upstream: "str | Sequence[str]", downstream: Sequence[str], *,
+                 config: Optional[SyncConfig] = None):
         if not downstream:
             raise ConfigError("a relay needs at least one downstream endpoint (--local shm://NAME)")
         cfg = (config if config is not None else SyncConfig.from_env()).replace(delta="off")
         self.config = cfg
         self.host = socket.gethostname()
-        self.upstream = str(parse_endpoint(upstream))
+        ups = [upstream] if isinstance(upstream, str) else list(upstream)
+        if not ups:
+            raise ConfigError("a relay needs an upstream endpoint (--upstream tcp://HOST:PORT)")
+        self.upstreams = [str(parse_endpoint(ep)) for ep in ups]
+        self.upstream = self.upstreams[0]
+        self._unreachable_since: Optional[float] = None
         self.downstream = [str(parse_endpoint(ep)) for ep in downstream]
         self._lock = threading.Lock()
         self._current: Optional[RelayedVersion] = None
@@ -97,6 +106,25 @@ class HostRelay:
             self._rx.poll()
         except HotweightsError as exc:  # a version this relay rejected: already nacked and logged
             log.info("relay: %s", exc)
+        self._maybe_reroute(time.monotonic())
+
+    def _maybe_reroute(self, now: float) -> None:
+        """Follow the next upstream once this one has been unreachable for ``heartbeat_ttl_s``."""
+        if len(self.upstreams) < 2 or self._rx.connected:
+            self._unreachable_since = None
+            return
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            return
+        if now - self._unreachable_since < self.config.heartbeat_ttl_s:
+            return
+        old = self.upstream
+        self.upstream = self.upstreams[(self.upstreams.index(old) + 1) % len(self.upstreams)]
+        self._unreachable_since = None
+        log.warning("relay on %s: upstream %s unreachable for %.1fs; following %s", self.host, old,
+                    self.config.heartbeat_ttl_s, self.upstream)
+        self._rx.close()  # its version in flight (if any) is discarded: downstream aborts it
+        self._rx = WeightReceiver(self.upstream, apply=_ignore, config=self.config, observer=self)
 
     def close(self) -> None:
         if self._closed.is_set():

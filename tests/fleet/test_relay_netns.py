@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from hotweights_trainer.relay.netns import Netns, child_env, start_fleet
+from hotweights_trainer.relay.netns import Netns, NetnsError, child_env, start_fleet
 from tests.conftest import ROOT, require
 
 PORT = 29500
@@ -133,12 +133,12 @@ def _tree_hosts(status: dict) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _chain_with_one_version(env: dict):
+def _chain_with_one_version(env: dict, fallback: bool = False):
     """Publisher host + 3 relay hosts x 2 receivers, chained, with version 1 applied everywhere;
     the relays' logs are printed if the test fails."""
     with Netns(4, rate=RATE) as net:
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
-                                  env=env, verbose=True)
+                                  env=env, verbose=True, fallback=fallback)
         pub = _driver(net, env)
         with _logs_on_failure(relays, [pub]):
             _cmd(pub, "wait 1")
@@ -177,6 +177,27 @@ def test_relay_killed_mid_version_aborts_everywhere_then_next_version_succeeds(f
         _applied(rxs, row["version"], row["digest"])
 
 
+def test_dead_relay_is_routed_around_by_the_hosts_behind_it(fleet_env):
+    with _chain_with_one_version(fleet_env, fallback=True) as (net, relays, rxs, pub, first):
+        net.stop(relays[1], sig=9)  # host 2's relay dies for good; host 3's relay also knows host 1's
+        relays[2].wait_for({"event": "upstream", "upstream": f"tcp://{net.ip(1)}:{PORT}"}, 30)
+        deadline = time.monotonic() + 60
+        for seed in range(2, 100):
+            row = _publish(pub, seed)
+            if row["event"] == "published":
+                try:  # hosts 1 and 3 get it; host 2's receivers have no relay and keep version 1
+                    _applied([rxs[0], rxs[2]], row["version"], row["digest"], timeout=15)
+                    break
+                except NetnsError:  # not there yet: publish again until the deadline
+                    if time.monotonic() > deadline:
+                        raise
+            elif time.monotonic() > deadline:
+                pytest.fail(f"no version reached hosts 1 and 3 after the reroute: {row}")
+            time.sleep(1.0)
+        for rx in rxs[1]:
+            assert {r["digest"] for r in rx.matching({"role": "receiver"})} == {first["digest"]}
+
+
 def test_link_down_mid_version_aborts_within_deadline_and_host_catches_up(fleet_env):
     with _chain_with_one_version(fleet_env) as (net, relays, rxs, pub, first):
         _start_publish(pub, 2)
@@ -198,7 +219,7 @@ def test_link_down_mid_version_aborts_within_deadline_and_host_catches_up(fleet_
                 try:
                     _applied(rxs, row["version"], row["digest"], timeout=15)
                     break
-                except Exception:  # noqa: BLE001 - host 3 not back yet: publish again until the deadline
+                except NetnsError:  # host 3 not back yet: publish again until the deadline
                     if time.monotonic() > deadline:
                         raise
             elif time.monotonic() > deadline:
