@@ -140,3 +140,30 @@ def test_restamp_changes_version_and_session_and_keeps_the_bucket_valid():
     restamp(buf, version=9, session=77)
     header = decode_bucket(buf)  # checks both checksums
     assert (header.version, header.session) == (9, 77)
+
+
+def test_relay_command_text_output_follows_a_publisher():
+    """``hotweights relay`` as a user runs it (text mode; the netns tests use --json)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    up = f"tcp://127.0.0.1:{free_port()}"
+    local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
+    with WeightPublisher(up, config=SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)) as pub:
+        proc = subprocess.Popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local",
+                                 local, "--transport", "torch", "--timeout", "30", "--versions", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                                cwd=ROOT)
+        try:
+            pub.wait_for_receivers(1, timeout=60)
+            res = pub.publish(_weights(5))
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "relay: event ready, host" in out and f"upstream {up}" in out
+    assert f"relay: event version, version {res.version}" in out
