@@ -101,13 +101,20 @@ def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
         # Every host has its two receivers behind its relay, and each relay passed every version on.
         for proc in relays:
             assert [r["version"] for r in proc.matching({"event": "version"})][-1] == row["version"]
-        time.sleep(2.5)  # two heartbeats carry the relays' reports up the chain
-        out = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
-                              "status", f"tcp://{net.ip(0)}:{PORT}", "--json"], capture_output=True,
-                             text=True, timeout=60, env=fleet_env)
-        assert out.returncode == 0, out.stderr
-        status = json.loads(out.stdout)
-        hosts = _tree_hosts(status)
+        # Reports travel up the chain one heartbeat per hop (about 1 s each): poll, with a deadline.
+        deadline = time.monotonic() + 30
+        while True:
+            out = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m",
+                                  "hotweights_trainer", "status", f"tcp://{net.ip(0)}:{PORT}", "--json"],
+                                 capture_output=True, text=True, timeout=60, env=fleet_env)
+            assert out.returncode == 0, out.stderr
+            hosts = _tree_hosts(json.loads(out.stdout))
+            settled = len(hosts) == 3 and all(
+                h["version"] == row["version"] and len(h["receivers"]) == 2
+                and all(r["live_version"] == row["version"] for r in h["receivers"]) for h in hosts)
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         assert len(hosts) == 3 and all(h["version"] == row["version"] for h in hosts), hosts
         assert all(len(h["receivers"]) == 2 for h in hosts), hosts
         assert all(r["live_version"] == row["version"] for h in hosts for r in h["receivers"]), hosts
