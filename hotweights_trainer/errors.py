@@ -80,6 +80,11 @@ class VersionAbortedError(HotweightsError):
         super().__init__(f"version {version} aborted: {reason}{detail}")
 
 
+class RelayError(HotweightsError, RuntimeError):
+    """A host relay could not pass a version on: what it feeds (its host's receivers or a downstream
+    relay) rejected it or missed its deadline. The upstream fleet aborts that version everywhere."""
+
+
 class InferenceUpdateError(HotweightsError, RuntimeError):
     """An inference engine (vLLM) failed to apply a committed version; it stays on its previous weights.
 

@@ -46,9 +46,11 @@ from .control.session import open_session
 from .control.status_socket import StatusListener
 from .delta.encoder import DeltaStats
 from .delta.engine import make_publisher_delta
-from .errors import ClosedError, HotweightsError, SyncTimeoutError, VersionAbortedError
+from .errors import (ClosedError, ConfigError, HotweightsError, PeerLostError, SyncTimeoutError,
+                     VersionAbortedError)
 from .naming import NameMap
 from .publish_records import PublishResult, ReceiverRecord, VersionRecord, abort_kind, nack_error
+from .relay.forward import ForwardedVersion, relay_info
 from .source import iter_source
 from .transports import create_publisher_transport, parse_endpoint
 from .transports.base import PublisherTransport
@@ -91,6 +93,8 @@ class WeightPublisher:
         self._owner = owner_tag()
         self._refused = 0
         self._last_coord_error = ""
+        # Host relays among the receivers: rid -> what the relay reported (hello, then heartbeats).
+        self._relays: dict[str, dict[str, Any]] = {}
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
         self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
                                            endpoint_label=self._ep)
@@ -220,6 +224,9 @@ class WeightPublisher:
         out["publisher"] = {"endpoint": self._ep, "pid": os.getpid(), "transport": self._tx.name,
                             "coord_backend": self._session.backend, "epoch": self._session.epoch,
                             "refused_requests": self._refused, "connected": sorted(self._receivers)}
+        # Without the lock: a post may hold it for up to timeout_s, and a relay's heartbeat reports
+        # this status upstream; a stalled heartbeat would get the relay evicted. dict() is atomic.
+        out["relays"] = dict(self._relays)
         return out
 
     def __enter__(self) -> "WeightPublisher":
@@ -239,11 +246,16 @@ class WeightPublisher:
     def _publish(self, source: Any, step: Optional[int]) -> PublishResult:
         cfg = self.config
         t0 = time.perf_counter()
+        # A host relay republishes buckets verified upstream, as they arrive, under the upstream
+        # version number, and commits only when the upstream fleet does (relay/forward.py).
+        fwd = source if isinstance(source, ForwardedVersion) else None
+        if fwd is not None and self._delta is not None:
+            raise ConfigError("a relay republishes dense buckets: its publisher needs delta='off'")
         # A PEFT model becomes its merged or adapter tensors; refused adapters fail here, before begin.
-        peft_form, source = peft_sync.prepare(source, cfg.peft_mode)
+        peft_form, source = (None, source) if fwd is not None else peft_sync.prepare(source, cfg.peft_mode)
         with self._lock:
             try:
-                begun = self._session.begin(step)
+                begun = self._session.begin(step, fwd.version if fwd is not None else None)
             except HotweightsError as exc:
                 metrics.ERRORS.labels(self._ep, type(exc).__name__).inc()
                 raise
@@ -263,14 +275,17 @@ class WeightPublisher:
         gather = _Timed(iter_source(source, self.name_map, flush_marks=True))
         delta = DeltaStats() if self._delta is not None else None
         try:
-            planner = (self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None
+            planner = (fwd.buckets() if fwd is not None
+                       else self._delta.plan(gather, version, rec.quorum, delta) if self._delta is not None
                        else plan_buckets(gather, cfg.bucket_bytes, cfg.torch_send_dtype))
             for index, plan in enumerate(planner):
                 tp = time.perf_counter()
                 buf = self._tx.alloc(plan.total_len)
                 with self._lock:
                     rec.buffers.append(buf)
-                buf.length = self._tx.pack(buf, plan, version=version, index=index, session=self.session)
+                buf.length = (plan.write_into(buf.mem, version=version, index=index, session=self.session)
+                              if fwd is not None else
+                              self._tx.pack(buf, plan, version=version, index=index, session=self.session))
                 t_pack += time.perf_counter() - tp
                 for entry in plan.entries:
                     manifest.add(entry)
@@ -287,6 +302,8 @@ class WeightPublisher:
                 rec.decision = self._session.seal(version, rec.end["digest"], len(rec.buffers))
                 self._send(members, rec.end)
             self._wait_decision(rec)
+            if fwd is not None:
+                fwd.before_commit(version)  # upstream commits: so do we; upstream aborts: raises
             t_staged = time.perf_counter()
             with self._lock:
                 committed = self._session.commit(version)
@@ -535,6 +552,9 @@ class WeightPublisher:
                 self._tx.drop(rid, f"coordinator unavailable: {exc}")
                 return
             self._receivers[rid] = ReceiverRecord(rid, hello["pid"], live, time.monotonic())
+            relay = relay_info(hello)
+            if relay is not None:
+                self._relays[rid] = relay
             if self._delta is not None:
                 self._delta.on_join(rid, hello)
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
@@ -568,6 +588,11 @@ class WeightPublisher:
         if self._delta is not None:
             self._delta.on_message(rid, msg)  # resync requests; frees resync buffers
         if op == "heartbeat":
+            report = relay_info(msg)
+            if report is not None:
+                with self._lock:
+                    if rid in self._relays:
+                        self._relays[rid] = report
             if not self._session.heartbeat(rid, msg["live_version"]) and rid in self._receivers:
                 self._tx.drop(rid, "evicted by the coordinator; reconnect to register again")
             return
@@ -602,6 +627,7 @@ class WeightPublisher:
         with self._lock:
             known = self._receivers.pop(rid, None) is not None
             metrics.RECEIVERS.labels(self._ep).set(len(self._receivers))
+            self._relay_lost(rid, reason)
             if self._delta is not None:
                 self._delta.on_lost(rid)
             for rec in list(self._versions.values()):
@@ -637,10 +663,21 @@ class WeightPublisher:
                 self._coordinator_failed("a sweep", exc)
                 return
             for rid in swept["evicted"]:
+                self._relay_lost(rid, "evicted: no heartbeat")  # before the decision below counts it out
                 self._tx.drop(rid, f"no heartbeat for {self.config.heartbeat_ttl_s:.1f}s (evicted)")
             self._released(swept["released"])
             self._expired(swept["expired"])
             self._set_decision(swept["decision"])
+
+    def _relay_lost(self, rid: str, reason: str) -> None:
+        """A relay left (lock held). It stands for a whole host: going on without it would commit a
+        version some receivers never get, so the version in flight fails for everyone."""
+        relay = self._relays.pop(rid, None)
+        rec = self._current
+        if relay is not None and rec is not None and rid in rec.quorum and rec.error is None:
+            rec.error = PeerLostError(f"relay {rid} (host {relay.get('host', '?')}) was lost during "
+                                      f"version {rec.version}: {reason}")
+            self._cond.notify_all()
 
     def _catch_up(self, rid: str, rec: VersionRecord) -> None:
         """Send the committed version ``rec`` in full to one receiver (late join)."""

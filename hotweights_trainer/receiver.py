@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 
@@ -40,6 +40,28 @@ ApplyFn = Callable[[Iterable[tuple[str, torch.Tensor]]], Any]
 _ids = itertools.count(1)
 
 
+class StagingObserver(Protocol):
+    """Sees every step of the versions a receiver stages; a host relay (:mod:`.relay`) is one.
+
+    Every method runs on the transport's thread with the receiver's lock held: it must only record or
+    queue, never block or call back into the receiver.
+    """
+
+    def on_begin(self, version: int, session: int, step: Optional[int]) -> None: ...
+
+    def on_bucket(self, version: int, index: int, header: Any, data: memoryview) -> None:
+        """A bucket passed every check; ``data`` stays valid until the version is released."""
+
+    def on_end(self, version: int, n_buckets: int) -> bool:
+        """Every bucket verified. True: the observer answers ``staged`` itself, later, through
+        :meth:`WeightReceiver.confirm_staged` (or ``nack`` through :meth:`WeightReceiver.reject_staged`)."""
+
+    def on_decision(self, version: int, committed: bool, reason: str) -> None: ...
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """Extra fields for each heartbeat (a relay's report of the receivers behind it)."""
+
+
 class WeightReceiver:
     """Follows a publisher and applies each committed version whole.
 
@@ -56,13 +78,15 @@ class WeightReceiver:
     def __init__(self, endpoint: str, *, model: Optional[torch.nn.Module] = None,
                  apply: Optional[ApplyFn] = None, config: Optional[SyncConfig] = None,
                  name_map: NameMap = None, kv_policy: "str | KVPolicy | None" = None,
-                 kv_registry: Optional[KVRegistry] = None, require_complete: bool = False):
+                 kv_registry: Optional[KVRegistry] = None, require_complete: bool = False,
+                 observer: Optional[StagingObserver] = None):
         if model is None and apply is None:
             raise HotweightsError("WeightReceiver needs a model to update or an apply callable")
         self.config = config if config is not None else SyncConfig.from_env()
         self.endpoint = parse_endpoint(endpoint)
         self.model = model
         self._apply_fn = apply
+        self._observer = observer
         self.name_map = name_map
         targets = build_targets(model) if model is not None else None
         # Whether adapter-mode (PeftModel names) or merged-mode PEFT versions fit this model.
@@ -98,7 +122,8 @@ class WeightReceiver:
         self._tx = create_receiver_transport(self.endpoint, self.config)
         self._tx.start(self, self._hello)
         self._heartbeat = Heartbeat(self._tx.send, lambda: self._tx.connected, lambda: self._live_version,
-                                    self.config.heartbeat_interval_s, self.receiver_id)
+                                    self.config.heartbeat_interval_s, self.receiver_id,
+                                    extra=observer.heartbeat_fields if observer is not None else None)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -224,6 +249,23 @@ class WeightReceiver:
                 return
         self._release(staged)
 
+    def confirm_staged(self, version: int) -> bool:
+        """Send the ``staged`` an observer deferred (its ``on_end`` returned True); False when
+        ``version`` is no longer the one staging (aborted, superseded, publisher lost)."""
+        with self._lock:
+            st = self._staging
+            if st is None or st.version != version or not st.end_seen or self._staging_error is not None:
+                return False
+            self._staged(st)
+            return True
+
+    def reject_staged(self, version: int, err: HotweightsError) -> None:
+        """Answer ``nack`` with ``err`` for a version whose ``staged`` an observer deferred."""
+        with self._lock:
+            st = self._staging
+            if st is not None and st.version == version:
+                self._reject(st, err)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -320,6 +362,7 @@ class WeightReceiver:
                     log.info("version %d aborted by the publisher: %s", st.version, msg["reason"][:300])
                     self._discard()
                 self._unannounce(msg["version"])
+                self._observe_decision(msg["version"], False, f"aborted upstream: {msg['reason'][:300]}")
 
     def on_bucket(self, version: int, index: int, data: memoryview) -> None:
         with self._lock:
@@ -336,6 +379,8 @@ class WeightReceiver:
                     return
                 st.add_bucket(header, data, self._resolve if self._check else None)
                 self._delta.on_bucket(st, header, data)
+                if self._observer is not None:
+                    self._observer.on_bucket(version, index, header, data)
             except HotweightsError as exc:
                 self._staging_error = exc
                 if st.end_seen:
@@ -353,6 +398,7 @@ class WeightReceiver:
             if self._staging is not None:
                 log.info("publisher lost during version %d; discarding it (live version stays %d)",
                          self._staging.version, self._live_version)
+                self._observe_decision(self._staging.version, False, f"publisher lost: {reason}")
                 self._staging = None
                 self._staging_error = None
             self._cond.notify_all()
@@ -364,6 +410,8 @@ class WeightReceiver:
                  **self._delta.hello_fields()}
         if self.config.coord_token is not None:
             hello["token"] = self.config.coord_token
+        if self._observer is not None:
+            hello.update(self._observer.heartbeat_fields())  # a relay says so in its hello
         return hello
 
     def _begin(self, msg: dict[str, Any]) -> None:
@@ -375,6 +423,8 @@ class WeightReceiver:
         self._staging = StagedVersion(msg["version"], msg["session"], step if isinstance(step, int) else None)
         # Refused before any bucket is staged; the nack goes out with "end" (see _end).
         self._staging_error = receiver_problem(msg.get("peft"), self.model, self._holds_peft)
+        if self._observer is not None:
+            self._observer.on_begin(msg["version"], msg["session"], self._staging.step)
 
     def _unannounce(self, version: int) -> None:
         """An aborted version never goes live, so the lag stops counting it."""
@@ -406,6 +456,8 @@ class WeightReceiver:
         if request is not None:
             self._send(request)  # "staged" follows once the dense copies arrived and matched
             return
+        if self._observer is not None and self._observer.on_end(st.version, msg["n_buckets"]):
+            return  # the observer sends "staged" (confirm_staged) once what it feeds has staged
         self._staged(st)
 
     def _staged(self, st: StagedVersion) -> None:
@@ -420,6 +472,7 @@ class WeightReceiver:
             nack["problems"] = err.problems
         log.error("rejecting version %d: %s", st.version, err)
         self._record_error(err)
+        self._observe_decision(st.version, False, f"rejected: {type(err).__name__}: {err}")
         self._discard()
         self._send(nack)
 
@@ -429,6 +482,7 @@ class WeightReceiver:
             return
         self._staging = None
         self._delta.on_commit(st)  # the shadow follows commits, not applies
+        self._observe_decision(version, True, "")
         if st.session == self._live_session and version <= self._live_version:
             self._release(st)  # a catch-up of what we already run
         else:
@@ -439,6 +493,10 @@ class WeightReceiver:
         # Only now, with the version pending: the publisher's publish() returns after this ack, so
         # a poll() that follows it in any thread or process finds the version here.
         self._send({"op": "committed", "version": version})
+
+    def _observe_decision(self, version: int, committed: bool, reason: str) -> None:
+        if self._observer is not None:
+            self._observer.on_decision(version, committed, reason)
 
     def _discard(self) -> None:
         st, self._staging = self._staging, None

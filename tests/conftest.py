@@ -31,16 +31,30 @@ _PROBES = {
     "vllm": lambda: importlib.util.find_spec("vllm") is not None,
     "peft": lambda: importlib.util.find_spec("peft") is not None
     and importlib.util.find_spec("transformers") is not None,
+    "netns": lambda: _netns_available(),
 }
+
+
+def _netns_available() -> bool:
+    """Network namespaces, veth pairs, a bridge and tbf can be created here (root, iproute2)."""
+    from hotweights_trainer.relay.netns import available
+
+    if "ok" not in _NETNS:
+        _NETNS["ok"], _NETNS["why"] = available()
+    return bool(_NETNS["ok"])
+
+
+_NETNS: dict[str, object] = {}
 
 
 def require(part: str) -> None:
     """Skip the calling test when ``part`` is unavailable -- or fail, when CI requires it."""
     if _PROBES[part]():
         return
+    why = f": {_NETNS['why']}" if part == "netns" else ""
     if part in REQUIRED:
-        pytest.fail(f"{part} is required here (HOTWEIGHTS_REQUIRE) but not available")
-    pytest.skip(f"{part} not available")
+        pytest.fail(f"{part} is required here (HOTWEIGHTS_REQUIRE) but not available{why}")
+    pytest.skip(f"{part} not available{why}")
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, bool] = {
     "status": True,
     "publish": True,
     "receive": True,
+    "relay": True,
 }
 
 

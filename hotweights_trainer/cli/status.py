@@ -93,6 +93,10 @@ def render(s: dict[str, Any]) -> str:
         for r in rows:
             lines.append(f"  {r['rid'][:32]:<32} {r['pid']:>8} {r['live_version']:>6} {r['lag']:>4}  "
                          f"{r['heartbeat_age_s']:.1f}s ago")
+    relays = s.get("relays") or {}
+    if relays:
+        lines.append("relay tree (one network copy per host; lag against this fleet's committed version)")
+        lines.extend(relay_tree(relays, s["committed"], "  "))
     c = s.get("counters", {})
     refused = (pub or {}).get("refused_requests", s.get("refused_requests", 0))
     lines.append(f"handles active {s.get('handles_active', 0)}; commits {c.get('commits', 0)}, "
@@ -101,3 +105,23 @@ def render(s: dict[str, Any]) -> str:
     for r in s.get("recent", [])[-5:]:
         lines.append(f"  v{r['version']}: {r['outcome']}" + (f" ({r['reason']})" if r.get("reason") else ""))
     return "\n".join(lines)
+
+
+def relay_tree(relays: dict[str, Any], committed: int, indent: str) -> list[str]:
+    """One line per relay host (its version and lag, its receivers' worst lag), then its subtree."""
+    lines = []
+    for rid in sorted(relays):
+        info = relays[rid]
+        version = info.get("version", 0)
+        local = [r for f in info.get("fleets", []) for r in f.get("receivers", [])
+                 if str(f.get("endpoint", "")).startswith("shm://")]
+        worst = max((committed - r.get("live_version", 0) for r in local), default=0)
+        where = ", ".join(str(f.get("endpoint")) for f in info.get("fleets", []))
+        lines.append(f"{indent}host {info.get('host', '?')} ({where}): relay at version {version}, lag "
+                     f"{max(committed - version, 0)}; {len(local)} local receiver(s), "
+                     f"worst lag {max(worst, 0)}")
+        for f in info.get("fleets", []):
+            if f.get("error"):
+                lines.append(f"{indent}  {f.get('endpoint')}: {f['error']}")
+            lines.extend(relay_tree(f.get("relays") or {}, committed, indent + "  "))
+    return lines

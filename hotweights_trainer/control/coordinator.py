@@ -160,10 +160,10 @@ class Coordinator:
             return out
         return self._run(run)
 
-    def op_begin(self, epoch: int, step: Optional[int]) -> dict[str, Any]:
+    def op_begin(self, epoch: int, step: Optional[int], min_version: Optional[int] = None) -> dict[str, Any]:
         def run(s: FleetState, now: float) -> dict[str, Any]:
             before = s.counters["quorum_failures"]
-            out = s.begin(epoch, step, now)
+            out = s.begin(epoch, step, now, min_version)
             self._failure(s, before)
             return out
         return self._run(run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..errors import HotweightsError
 
@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 class Heartbeat:
     def __init__(self, send: Callable[[dict[str, Any]], None], connected: Callable[[], bool],
-                 live_version: Callable[[], int], interval_s: float, name: str):
+                 live_version: Callable[[], int], interval_s: float, name: str,
+                 extra: Optional[Callable[[], dict[str, Any]]] = None):
         self._send = send
+        self._extra = extra  # a host relay adds its report of the receivers behind it
         self._connected = connected
         self._live = live_version
         self._interval = interval_s
@@ -33,7 +35,8 @@ class Heartbeat:
             if not self._connected():
                 continue
             try:
-                self._send({"op": "heartbeat", "live_version": self._live()})
+                extra = self._extra() if self._extra is not None else {}
+                self._send({**extra, "op": "heartbeat", "live_version": self._live()})
                 failures = 0
             except HotweightsError as exc:
                 failures += 1

@@ -29,7 +29,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "register": {"epoch": int, "rid": str, "pid": int, "host": str, "live_version": int},
     "heartbeat": {"epoch": int, "rid": str, "live_version": int},
     "leave": {"epoch": int, "rid": str},
-    "begin": {"epoch": int, "step": _OPT_INT},
+    "begin": {"epoch": int, "step": _OPT_INT, "min_version": _OPT_INT},
     "seal": {"epoch": int, "version": int, "digest": str, "n_buckets": int},
     "precommit": {"epoch": int, "rid": str, "version": int, "digest": _OPT_STR},
     "nack": {"epoch": int, "rid": str, "version": int, "reason": str},

@@ -52,8 +52,8 @@ class FleetSession:
     def leave(self, rid: str) -> dict[str, Any]:
         return self._call("leave", {"epoch": self.epoch, "rid": rid})
 
-    def begin(self, step: Optional[int]) -> dict[str, Any]:
-        return self._call("begin", {"epoch": self.epoch, "step": step})
+    def begin(self, step: Optional[int], min_version: Optional[int] = None) -> dict[str, Any]:
+        return self._call("begin", {"epoch": self.epoch, "step": step, "min_version": min_version})
 
     def seal(self, version: int, digest: str, n_buckets: int) -> dict[str, Any]:
         return self._call("seal", {"epoch": self.epoch, "version": version, "digest": digest,

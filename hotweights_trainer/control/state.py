@@ -273,13 +273,16 @@ class FleetState:
         return gone, released
 
     # ---------------------------------------------------------------- one version
-    def begin(self, epoch: int, step: Optional[int], now: float) -> dict[str, Any]:
+    def begin(self, epoch: int, step: Optional[int], now: float,
+              min_version: Optional[int] = None) -> dict[str, Any]:
+        """Open the next version. ``min_version`` (a host relay) numbers it at least that high, so a
+        relayed version keeps the number its upstream fleet gave it; numbers never go backwards."""
         self._fence(epoch)
         if self.open is not None:
             self._close_open("aborted", "superseded by a new version before it was decided", now,
                              "superseded")
-        version = self.next_version
-        self.next_version += 1
+        version = max(self.next_version, min_version or 0)
+        self.next_version = version + 1
         self.open = OpenVersion(version, epoch, step, sorted(self.members), now, now + self.version_timeout_s)
         self.handles.pinned = set(self.pinned_versions())
         self._dirty |= {"meta", "open"}

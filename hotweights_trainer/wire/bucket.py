@@ -176,6 +176,15 @@ def seal_header(buf: memoryview, payload_digest: int) -> None:
     struct.pack_into("<Q", buf, 56, _header_digest(buf, hlen))
 
 
+def restamp(buf: memoryview, *, version: int, session: int) -> None:
+    """Give a verified bucket another version and session (a host relay republishing it to its own
+    receivers); the payload and its checksum are untouched, the header checksum is recomputed."""
+    (_, _, _, hlen, *_rest) = _PREFIX.unpack_from(buf, 0)
+    struct.pack_into("<Q", buf, 16, version)
+    struct.pack_into("<Q", buf, 48, session)
+    struct.pack_into("<Q", buf, 56, _header_digest(buf, hlen))
+
+
 def _header_digest(buf: memoryview, hlen: int) -> int:
     h = xxhash.xxh3_64()
     h.update(buf[:56])

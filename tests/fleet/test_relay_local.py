@@ -1,0 +1,169 @@
+"""Host relays on one host, in one process: the hooks and the commit rule without namespaces.
+
+The publisher speaks ``torch`` over loopback TCP (a network transport, forced: ``auto`` would pick
+shared memory on loopback), the relay republishes on ``shm://``. Real transports, real threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import torch
+
+from hotweights_trainer import SyncConfig, WeightPublisher, WeightReceiver
+from hotweights_trainer.control.state import FleetState
+from hotweights_trainer.errors import RelayError, VersionAbortedError
+from hotweights_trainer.relay.node import HostRelay
+from hotweights_trainer.verify import combined_digest, weights_digest
+from hotweights_trainer.wire.bucket import decode_bucket, restamp
+from hotweights_trainer.wire.packer import pack_into, plan_buckets
+from tests.conftest import free_port
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(300_000, generator=g),
+            "b.weight": torch.randn(64, 64, generator=g).bfloat16()}
+
+
+class _Store:
+    def __init__(self):
+        self.held: dict[str, torch.Tensor] = {}
+
+    def __call__(self, items) -> None:
+        for name, t in items:
+            self.held[name] = t.clone()
+
+    def digest(self) -> str:
+        return combined_digest(weights_digest(self.held))
+
+
+@pytest.fixture
+def fleet():
+    cfg = SyncConfig(transport="torch", timeout_s=20, bucket_mb=1)
+    up = f"tcp://127.0.0.1:{free_port()}"
+    local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
+    pub = WeightPublisher(up, config=cfg)
+    relay = HostRelay(up, [local], config=cfg)
+    stop = threading.Event()
+    runner = threading.Thread(target=relay.serve, args=(stop,), daemon=True)
+    runner.start()
+    opened: list[WeightReceiver] = []
+
+    def receiver(**kw) -> WeightReceiver:
+        rx = WeightReceiver(local, config=SyncConfig(timeout_s=20), **kw)
+        opened.append(rx)
+        return rx
+
+    try:
+        pub.wait_for_receivers(1, timeout=20)
+        yield pub, relay, receiver
+    finally:
+        for rx in opened:
+            rx.close()
+        stop.set()
+        runner.join(timeout=10)
+        relay.close()
+        pub.close()
+
+
+def test_relay_passes_every_version_bit_exact_under_the_same_number(fleet):
+    pub, relay, receiver = fleet
+    stores = [_Store(), _Store()]
+    rxs = [receiver(apply=s) for s in stores]
+    relay.publishers[0].wait_for_receivers(2, timeout=20)
+    for seed in (1, 2, 3):
+        w = _weights(seed)
+        res = pub.publish(w, step=seed)
+        assert res.receivers == 1  # the publisher sent one copy: to the relay
+        for rx, store in zip(rxs, stores):
+            assert rx.wait_for_version(res.version, timeout=20) == res.version
+            assert rx.step == seed
+            assert store.digest() == combined_digest(weights_digest(w))
+    assert relay.version == 3
+    assert pub.status()["relays"][relay.receiver.receiver_id]["host"] == relay.host
+
+
+def test_a_rejection_behind_the_relay_aborts_the_version_upstream(fleet):
+    pub, relay, receiver = fleet
+    good = _Store()
+    rx_good = receiver(apply=good)
+    pub.publish(_weights(1))
+    rx_good.wait_for_version(1, timeout=20)
+    # A receiver whose model has another shape for a.weight rejects every version behind the relay.
+    receiver(model=_Model(300_001))
+    relay.publishers[0].wait_for_receivers(2, timeout=20)
+    with pytest.raises(VersionAbortedError) as exc:
+        pub.publish(_weights(2))
+    assert "RelayError" in str(exc.value) and "a.weight" in str(exc.value)
+    assert rx_good.poll() is None and rx_good.version == 1  # nobody applied version 2
+    assert good.digest() == combined_digest(weights_digest(_weights(1)))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.a = torch.nn.Module()
+        self.a.weight = torch.nn.Parameter(torch.zeros(n))
+        self.b = torch.nn.Module()
+        self.b.weight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))
+
+
+def test_late_joiner_behind_the_relay_catches_up(fleet):
+    pub, relay, receiver = fleet
+    w = _weights(7)
+    res = pub.publish(w)
+    late = _Store()
+    rx = receiver(apply=late)
+    assert rx.wait_for_version(res.version, timeout=20) == res.version
+    assert late.digest() == combined_digest(weights_digest(w))
+
+
+def test_relay_error_is_a_typed_hotweights_error():
+    assert issubclass(RelayError, RuntimeError)
+
+
+def test_begin_min_version_keeps_upstream_numbers_and_never_goes_back():
+    s = FleetState("f", quorum="all", heartbeat_ttl_s=5, version_timeout_s=5, handle_ttl_s=5)
+    epoch = s.claim(0.0)
+    assert s.begin(epoch, None, 0.0, min_version=5)["version"] == 5
+    assert s.begin(epoch, None, 0.0, min_version=2)["version"] == 6  # never backwards
+    assert s.begin(epoch, None, 0.0)["version"] == 7
+
+
+def test_restamp_changes_version_and_session_and_keeps_the_bucket_valid():
+    plan = next(iter(plan_buckets(iter(_weights(3).items()), 8 << 20, None)))
+    buf = memoryview(bytearray(plan.total_len))
+    pack_into(buf, plan, version=4, index=0, session=11)
+    restamp(buf, version=9, session=77)
+    header = decode_bucket(buf)  # checks both checksums
+    assert (header.version, header.session) == (9, 77)
+
+
+def test_relay_command_text_output_follows_a_publisher():
+    """``hotweights relay`` as a user runs it (text mode; the netns tests use --json)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    up = f"tcp://127.0.0.1:{free_port()}"
+    local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
+    with WeightPublisher(up, config=SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)) as pub:
+        proc = subprocess.Popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local",
+                                 local, "--transport", "torch", "--timeout", "30", "--versions", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                                cwd=ROOT)
+        try:
+            pub.wait_for_receivers(1, timeout=60)
+            res = pub.publish(_weights(5))
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "relay: event ready, host" in out and f"upstream {up}" in out
+    assert f"relay: event version, version {res.version}" in out
