@@ -12,16 +12,27 @@ Per version it calls ``start_weight_update``, ``update_weights({"version": v, "t
 not be reused). The bytes never go through these calls: the engine's workers already staged the
 version from the hotweights endpoint. Each call is bounded: the worker waits at most
 ``timeout_s``, and an HTTP request at most ``timeout_s`` plus :data:`HTTP_MARGIN_S`.
+
+Adapter mode (``config.peft_mode == "adapter"`` and ``peft_model`` a PeftModel, or ``init_info`` with
+``lora_dir``): the workers write each version as a peft adapter directory (:mod:`.lora`) and leave
+the base weights alone; after the round the updater loads it into the engine as a LoRA adapter
+(``llm.llm_engine.add_lora``), then removes the previous one. Generation code passes
+:attr:`VLLMUpdater.lora_request` to ``llm.generate(..., lora_request=...)``. Only an in-process
+``LLM`` is supported there so far: a ``vllm serve`` URL or a sync client is a ConfigError.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from typing import Any, Optional
 
 from ...config import SyncConfig
 from ...errors import ConfigError, HotweightsError, InferenceUpdateError
+from ...peft_sync import has_peft_layers
+from ...source import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +50,33 @@ class VLLMUpdater:
     ``target``: an ``LLM``, a ``vllm serve`` base URL (``http://host:port``), or a
     ``VLLMWeightSyncClient``. ``endpoint``: the hotweights endpoint the workers follow.
     ``init_info``: extra SyncConfig overrides sent to the workers with the endpoint.
+    ``peft_model``: the trainer's PeftModel; with ``config.peft_mode == "adapter"`` it turns on
+    adapter mode, its active adapter's config goes to the workers. ``lora_dir``: where the engine's
+    rank 0 writes the adapter versions (default: a new temporary directory, right for an in-process
+    ``LLM``). ``lora_name``: the adapters' names are ``f"{lora_name}-v{version}"``.
     """
 
     def __init__(self, target: Any, endpoint: str, *, config: Optional[SyncConfig] = None,
-                 init_info: Optional[dict[str, Any]] = None):
+                 init_info: Optional[dict[str, Any]] = None, peft_model: Any = None,
+                 lora_dir: Optional[str] = None, lora_name: str = "hotweights"):
         self.config = config if config is not None else SyncConfig.from_env()
         self.endpoint = endpoint
         self.target = _describe(target)
         self.init_info = {"endpoint": endpoint, **(init_info or {})}
+        if (peft_model is not None and self.config.peft_mode == "adapter" and "lora_dir" not in self.init_info
+                and has_peft_layers(peft_model)):
+            from .lora import lora_init_info
+
+            self.init_info.update(lora_init_info(unwrap_model(peft_model),
+                                                 lora_dir or tempfile.mkdtemp(prefix="hotweights-lora-")))
+        self.lora_dir: Optional[str] = self.init_info.get("lora_dir")
+        """Adapter mode: where the engine writes adapter versions; None for base-weight updates."""
+        self.lora_name = lora_name
+        self.lora_request: Any = None
+        """Adapter mode: vLLM's ``LoRARequest`` of the live adapter version (None before the first)."""
         self._reset_prefix_cache = None
+        if self.lora_dir is not None:
+            self._check_lora_target(target)
         if isinstance(target, str):
             if not target.startswith(("http://", "https://")):
                 raise ConfigError(f"vLLM target {target!r} is not an http(s) URL of a `vllm serve`")
@@ -86,9 +115,40 @@ class VLLMUpdater:
         self._call(version, "finish_weight_update", str(version))
         if self._reset_prefix_cache is not None:
             self._call(version, "reset_prefix_cache")
+        if self.lora_dir is not None:
+            self._serve_adapter(int(version))
         self.version = int(version)
         self.last_seconds = time.perf_counter() - t0
         log.info("vLLM engine %s is on version %d (%.1f ms)", self.target, version, self.last_seconds * 1e3)
+
+    def _check_lora_target(self, target: Any) -> None:
+        from .lora import check_engine
+        from .options import parse_init_info
+
+        if not hasattr(target, "llm_engine"):
+            raise ConfigError(f"adapter mode (peft_mode=adapter) into vLLM needs an in-process vllm.LLM to load "
+                              f"the adapters into; {self.target} is not one (a `vllm serve` URL is not supported "
+                              "yet): publish with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged) for it")
+        lora = parse_init_info(self.init_info).lora
+        assert lora is not None  # lora_dir is set, and parse_init_info raised on anything missing
+        # Refused here, before any worker is touched, when the engine cannot serve the adapter.
+        check_engine(target.llm_engine.vllm_config.lora_config, lora)
+
+    def _serve_adapter(self, version: int) -> None:
+        """Load the version's adapter directory into the engine, then drop the previous adapter."""
+        from .lora import adapter_path, request
+
+        assert self.lora_dir is not None
+        if not os.path.isdir(adapter_path(self.lora_dir, version)):
+            # The workers load the newest committed version >= the one asked for; with one commit hook
+            # per version they are the same, so a missing directory means the engine moved past it.
+            raise InferenceUpdateError(version, f"vLLM engine {self.target}: adapter version {version} was not "
+                                                f"written to {self.lora_dir}; the engine loaded another version")
+        new = request(self.lora_name, version, self.lora_dir)
+        self._call(version, "add_lora", new)
+        old, self.lora_request = self.lora_request, new
+        if old is not None and old.lora_int_id != version:
+            self._call(version, "remove_lora", old.lora_int_id)
 
     def __call__(self, result: Any) -> None:
         """Commit hook: ``publisher.add_commit_hook(updater)`` applies each published version."""
@@ -126,6 +186,12 @@ class _OfflineClient:
 
     def finish_weight_update(self, weight_version: Optional[str] = None) -> None:
         self.llm.finish_weight_update(weight_version)
+
+    def add_lora(self, lora_request: Any) -> None:
+        self.llm.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> None:
+        self.llm.llm_engine.remove_lora(lora_id)
 
 
 def _short(exc: BaseException) -> str:
