@@ -141,7 +141,7 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
     """A version whose shapes do not fit the declared LoRA config, and an init the engine cannot serve,
     are refused with typed errors; the adapter served before keeps being served."""
     from hotweights_trainer import SyncConfig, WeightPublisher
-    from hotweights_trainer.errors import ConfigError, InferenceUpdateError, ManifestMismatchError
+    from hotweights_trainer.errors import ConfigError, ManifestMismatchError
     from hotweights_trainer.integrations.vllm.attach import attach_vllm
     from hotweights_trainer.integrations.vllm.updater import VLLMUpdater
 
@@ -164,6 +164,10 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
         assert updater.lora_request is served
         assert sorted(p.name for p in Path(updater.lora_dir).iterdir()) == files
         assert vllm_run(llm, served) == good
+        # As for base weights, the engine reports the refusal once too, at its next update_weights.
+        llm.start_weight_update()
+        with pytest.raises(ManifestMismatchError, match="shape mismatch"):
+            llm.update_weights({"update_info": {"version": 2, "timeout_s": 5}})
 
         # A rank above the engine's max_lora_rank: refused by the trainer side before any worker is touched ...
         too_big = lora_model(model_dir, r=2 * MAX_RANK)
@@ -173,7 +177,7 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
         from hotweights_trainer.integrations.vllm.lora import lora_init_info
 
         info = {"endpoint": fresh_endpoint(), **lora_init_info(too_big, updater.lora_dir)}
-        with pytest.raises(Exception, match="max_lora_rank"):
+        with pytest.raises(ConfigError, match="max_lora_rank"):
             llm.init_weight_transfer_engine({"init_info": info})
         nudge(model, seed=3)
         pub.publish(model, step=3)
