@@ -336,5 +336,5 @@ def receiver_problem(form: Any, model: Optional[torch.nn.Module], holds_peft: bo
     return PeftModeError(f"version announced an unknown PEFT form {form!r} (expected one of {', '.join(MODES)})")
 
 
-__all__ = ["MODES", "PeftItems", "PeftView", "Route", "adapter_targets", "has_peft_layers", "peft_loaded", "prepare",
-           "receiver_problem", "tuner_layers", "view_of"]
+__all__ = ["MODES", "PeftItems", "PeftView", "Route", "adapter_targets", "has_peft_layers", "peft_loaded",
+           "prepare", "receiver_problem", "tuner_layers", "view_of"]

@@ -55,7 +55,8 @@ def lora_model(model_dir, r: int = 8, seed: int = 0):
     from tiny_llama import load_hf
 
     torch.manual_seed(seed)
-    return get_peft_model(load_hf(model_dir), LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    config = LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(load_hf(model_dir), config)
 
 
 def nudge(model, seed: int) -> None:
@@ -111,7 +112,8 @@ def test_trainer_adapter_mode_serves_the_merged_model_and_leaves_base_weights(ll
     model = lora_model(model_dir)
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 300, (12, 16), generator=g)]
-    cb = HotweightsCallback(fresh_endpoint(), vllm=llm, config=SyncConfig.from_env(peft_mode="adapter", timeout_s=30))
+    config = SyncConfig.from_env(peft_mode="adapter", timeout_s=30)
+    cb = HotweightsCallback(fresh_endpoint(), vllm=llm, config=config)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=3,
                              per_device_train_batch_size=4, learning_rate=3e-2, save_strategy="no",
                              logging_steps=1, disable_tqdm=True)
@@ -169,7 +171,7 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
         with pytest.raises(ManifestMismatchError, match="shape mismatch"):
             llm.update_weights({"update_info": {"version": 2, "timeout_s": 5}})
 
-        # A rank above the engine's max_lora_rank: refused by the trainer side before any worker is touched ...
+        # A rank above the engine's max_lora_rank: refused on the trainer side, no worker touched ...
         too_big = lora_model(model_dir, r=2 * MAX_RANK)
         with pytest.raises(ConfigError, match="max_lora_rank"):
             VLLMUpdater(llm, fresh_endpoint(), config=config, peft_model=too_big)
@@ -206,6 +208,8 @@ def test_adapter_mode_refusals_name_the_fix(llm, model_dir):
     with pytest.raises(ConfigError, match="without 'lora_dir'"):
         parse_init_info({"endpoint": "shm://x", "lora_config": {"r": 8}})
     with pytest.raises(ConfigError, match="LoRA"):
-        parse_init_info({"endpoint": "shm://x", "lora_dir": "/tmp/unused", "lora_config": {"peft_type": "IA3"}})
+        parse_init_info({"endpoint": "shm://x", "lora_dir": "/tmp/unused",
+                         "lora_config": {"peft_type": "IA3", "r": 8}})
     # merged mode (the default) with a PeftModel is unaffected: no adapter keys are sent
-    assert "lora_dir" not in VLLMUpdater(llm, "shm://x", config=SyncConfig.from_env(), peft_model=model).init_info
+    merged = VLLMUpdater(llm, "shm://x", config=SyncConfig.from_env(), peft_model=model)
+    assert "lora_dir" not in merged.init_info and merged.lora_request is None

@@ -19,7 +19,7 @@ agreement              every rank stages and agrees on the version as for base w
 the directory          rank 0: :func:`write_adapter` -- peft's own ``get_peft_model_state_dict``
                        renames the tensors as ``save_pretrained`` does (adapter name removed), into
                        a temporary directory renamed to ``<lora_dir>/v<version>`` when complete;
-                       directories older than the newest :data:`KEEP` are removed
+                       other than the last :data:`KEEP` it wrote, version directories are removed
 serving                trainer: ``VLLMUpdater`` adds ``LoRARequest("<name>-v<version>", version,
                        <lora_dir>/v<version>)`` to the engine after the update round and removes
                        the previous adapter once the new one loaded
@@ -37,7 +37,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 
@@ -47,7 +47,8 @@ from .options import LoraOptions
 log = logging.getLogger(__name__)
 
 KEEP = 2
-"""Adapter directories kept: the one being loaded and the one still served until it is."""
+"""Adapter directories kept: the one just written and the one served until it is loaded (vLLM drops
+its loaded adapters at every ``finish_weight_update`` and reloads the served one from disk if asked)."""
 _VERSION_DIR = re.compile(r"v(\d+)")
 _TEMP_DIR = re.compile(r"\.v\d+-.+")
 
@@ -80,10 +81,11 @@ def _plain(value: Any) -> Any:
 def check_engine(engine_lora_config: Any, options: LoraOptions) -> None:
     """Raise ConfigError unless the engine (vLLM's ``LoRAConfig`` or None) can serve this adapter."""
     if engine_lora_config is None:
-        raise ConfigError("adapter-mode versions (peft_mode=adapter) become vLLM LoRA adapters, but this engine "
-                          f"was started without LoRA support: start it with enable_lora=True and max_lora_rank >= "
-                          f"{options.config['r']} (vllm serve: --enable-lora --max-lora-rank "
-                          f"{options.config['r']}), or publish with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged)")
+        r = options.config["r"]
+        raise ConfigError(f"adapter-mode versions (peft_mode=adapter) become vLLM LoRA adapters, but this "
+                          f"engine was started without LoRA support: start it with enable_lora=True and "
+                          f"max_lora_rank >= {r} (vllm serve: --enable-lora --max-lora-rank {r}), or publish "
+                          "with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged)")
     ranks = [options.config["r"], *(v for v in (options.config.get("rank_pattern") or {}).values())]
     if max(ranks) > engine_lora_config.max_lora_rank:
         raise ConfigError(f"the adapter has rank {max(ranks)} but this engine serves LoRA ranks up to "
@@ -110,11 +112,12 @@ def adapter_reference(hf_config: Any, dtype: torch.dtype, options: LoraOptions) 
 
 
 def write_adapter(directory: str, version: int, tensors: Iterable[tuple[str, torch.Tensor]],
-                  reference: torch.nn.Module, adapter: str) -> str:
+                  reference: torch.nn.Module, adapter: str, keep: Iterable[int] = ()) -> str:
     """Write one verified version as a peft adapter directory, atomically; returns its path.
 
     A reader sees either no ``v<version>`` or a complete one: the files go to a temporary directory
-    beside it that is renamed when complete.
+    beside it that is renamed when complete. Afterwards every other ``v<n>`` directory is removed
+    except those in ``keep`` (the writer's previous version, which vLLM may still load from disk).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -142,20 +145,23 @@ def write_adapter(directory: str, version: int, tensors: Iterable[tuple[str, tor
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        raise InferenceUpdateError(version, f"cannot write adapter version {version} to {final}: {exc}") from exc
-    _prune(root, version)
+        raise InferenceUpdateError(version, f"cannot write adapter version {version} to {final}: "
+                                            f"{exc}") from exc
+    _prune(root, {int(version), *keep})
     log.info("adapter version %d written to %s (%d tensors)", version, final, len(named))
     return str(final)
 
 
-def _prune(root: Path, newest: int) -> None:
-    """Remove adapter directories beyond the newest :data:`KEEP`, and temporaries of failed writes."""
-    versions = sorted((int(m.group(1)), p) for p in root.iterdir()
-                      if p.is_dir() and (m := _VERSION_DIR.fullmatch(p.name)))
-    stale = [p for v, p in versions[:-KEEP] if v < newest]
-    stale += [p for p in root.iterdir() if p.is_dir() and _TEMP_DIR.fullmatch(p.name)]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)  # best effort: a leftover directory only costs disk
+def _prune(root: Path, keep: set[int]) -> None:
+    """Remove version directories not in ``keep`` and temporaries of failed writes.
+
+    By what this writer wrote, not by number: a new publisher session numbers from 1 again, and the
+    directories of the old one must go while the one just served stays.
+    """
+    for path in root.iterdir():
+        m = _VERSION_DIR.fullmatch(path.name)
+        if path.is_dir() and ((m and int(m.group(1)) not in keep) or _TEMP_DIR.fullmatch(path.name)):
+            shutil.rmtree(path, ignore_errors=True)  # best effort: a leftover directory only costs disk
 
 
 def request(name: str, version: int, directory: str) -> Any:

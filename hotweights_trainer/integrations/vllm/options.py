@@ -92,20 +92,21 @@ def _parse_lora(info: Mapping[str, Any], problems: list[str]) -> Optional[LoraOp
     directory, config, adapter = (info.get(k) for k in LORA_KEYS)
     if directory is None:
         if config is not None or adapter is not None:
-            problems.append("hotweights init_info has 'lora_config'/'lora_adapter' without 'lora_dir': adapter "
-                            "mode needs the directory the adapters are written to")
+            problems.append("hotweights init_info has 'lora_config'/'lora_adapter' without 'lora_dir': "
+                            "adapter mode needs the directory the adapters are written to")
         return None
     n = len(problems)
     if not isinstance(directory, str) or not directory:
         problems.append(f"hotweights init_info 'lora_dir' must be a directory path, got {directory!r}")
     if not isinstance(config, Mapping) or not config:
-        problems.append("hotweights init_info 'lora_dir' needs 'lora_config', the trainer's LoraConfig as a dict "
-                        f"(model.peft_config['default'].to_dict()), got {type(config).__name__}")
+        problems.append("hotweights init_info 'lora_dir' needs 'lora_config', the trainer's LoraConfig as a "
+                        f"dict (model.peft_config['default'].to_dict()), got {type(config).__name__}")
     elif config.get("peft_type") not in (None, "LORA"):
         problems.append(f"hotweights init_info 'lora_config' must describe a LoRA adapter (vLLM serves LoRA "
                         f"only), got peft_type {config.get('peft_type')!r}")
     elif not _is_int(config.get("r")) or config["r"] < 1:
-        problems.append(f"hotweights init_info 'lora_config' needs 'r', an integer >= 1, got {config.get('r')!r}")
+        problems.append(f"hotweights init_info 'lora_config' needs 'r', an integer >= 1, "
+                        f"got {config.get('r')!r}")
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
         problems.append(f"hotweights init_info 'lora_adapter' must be an adapter name, got {adapter!r}")
     if len(problems) > n:

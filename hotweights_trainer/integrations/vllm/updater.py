@@ -126,9 +126,10 @@ class VLLMUpdater:
         from .options import parse_init_info
 
         if not hasattr(target, "llm_engine"):
-            raise ConfigError(f"adapter mode (peft_mode=adapter) into vLLM needs an in-process vllm.LLM to load "
-                              f"the adapters into; {self.target} is not one (a `vllm serve` URL is not supported "
-                              "yet): publish with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged) for it")
+            raise ConfigError(f"adapter mode (peft_mode=adapter) into vLLM needs an in-process vllm.LLM to "
+                              f"load the adapters into; {self.target} is not one (a `vllm serve` URL is not "
+                              "supported yet): publish with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged) "
+                              "for it")
         lora = parse_init_info(self.init_info).lora
         assert lora is not None  # lora_dir is set, and parse_init_info raised on anything missing
         # Refused here, before any worker is touched, when the engine cannot serve the adapter.
@@ -142,8 +143,9 @@ class VLLMUpdater:
         if not os.path.isdir(adapter_path(self.lora_dir, version)):
             # The workers load the newest committed version >= the one asked for; with one commit hook
             # per version they are the same, so a missing directory means the engine moved past it.
-            raise InferenceUpdateError(version, f"vLLM engine {self.target}: adapter version {version} was not "
-                                                f"written to {self.lora_dir}; the engine loaded another version")
+            raise InferenceUpdateError(version, f"vLLM engine {self.target}: adapter version {version} "
+                                                f"was not written to {self.lora_dir}; the engine loaded "
+                                                "another one")
         new = request(self.lora_name, version, self.lora_dir)
         self._call(version, "add_lora", new)
         old, self.lora_request = self.lora_request, new

@@ -49,7 +49,7 @@ from ...errors import ConfigError, HotweightsError, InferenceUpdateError
 from ...receiver import WeightReceiver
 from ...staging import StagedVersion
 from .agreement import RankGroup, agree_and_take
-from .lora import adapter_reference, check_engine, write_adapter
+from .lora import KEEP, adapter_reference, check_engine, write_adapter
 from .manifest import checkpoint_model
 from .options import InitOptions, LoraOptions, UpdateOptions, parse_init_info, parse_update_info
 
@@ -78,6 +78,8 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         self._lora: Optional[LoraOptions] = None
         self._reference: Optional[torch.nn.Module] = None
         self._applying = 0
+        self._written: list[int] = []
+        """Adapter versions rank 0 wrote last (kept on disk when the next one is written)."""
 
     # ------------------------------------------------------------------------------ parsing
     def parse_init_info(self, init_dict: dict[str, Any]) -> InitOptions:
@@ -157,7 +159,8 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         error: Optional[HotweightsError] = None
         if self._group.rank == 0:
             try:
-                write_adapter(self._lora.directory, self._applying, tensors, self._reference, self._lora.adapter)
+                write_adapter(self._lora.directory, self._applying, tensors, self._reference,
+                              self._lora.adapter, keep=self._written)
             except HotweightsError as exc:
                 error = exc
         (failed,) = self._group.max([1 if error is not None else 0])
@@ -166,6 +169,7 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         if failed:
             raise InferenceUpdateError(self._applying, f"rank 0 could not write adapter version "
                                                        f"{self._applying}; no rank marked it live")
+        self._written = [*self._written, self._applying][-(KEEP - 1):]
 
     def _require_receiver(self) -> WeightReceiver:
         if self.receiver is None:
