@@ -147,7 +147,11 @@ class VLLMUpdater:
                                                 f"was not written to {self.lora_dir}; the engine loaded "
                                                 "another one")
         new = request(self.lora_name, version, self.lora_dir)
-        self._call(version, "add_lora", new)
+        if self._call(version, "add_lora", new) is False:
+            # vLLM keeps an adapter it holds under this id (from another directory) and loads nothing;
+            # finish_weight_update normally dropped it, but the new directory must win regardless.
+            self._call(version, "remove_lora", version)
+            self._call(version, "add_lora", new)
         old, self.lora_request = self.lora_request, new
         if old is not None and old.lora_int_id != version:
             self._call(version, "remove_lora", old.lora_int_id)
@@ -156,10 +160,10 @@ class VLLMUpdater:
         """Commit hook: ``publisher.add_commit_hook(updater)`` applies each published version."""
         self.update(result.version)
 
-    def _call(self, version: int, method: str, *args: Any) -> None:
+    def _call(self, version: int, method: str, *args: Any) -> Any:
         fn = self._reset_prefix_cache if method == "reset_prefix_cache" else getattr(self.client, method)
         try:
-            fn(*args)
+            return fn(*args)
         except HotweightsError as exc:
             if isinstance(exc, InferenceUpdateError):
                 raise
@@ -189,11 +193,11 @@ class _OfflineClient:
     def finish_weight_update(self, weight_version: Optional[str] = None) -> None:
         self.llm.finish_weight_update(weight_version)
 
-    def add_lora(self, lora_request: Any) -> None:
-        self.llm.llm_engine.add_lora(lora_request)
+    def add_lora(self, lora_request: Any) -> bool:
+        return self.llm.llm_engine.add_lora(lora_request)
 
-    def remove_lora(self, lora_id: int) -> None:
-        self.llm.llm_engine.remove_lora(lora_id)
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm.llm_engine.remove_lora(lora_id)
 
 
 def _short(exc: BaseException) -> str:
