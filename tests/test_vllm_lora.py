@@ -8,7 +8,6 @@ locally, real peft adapters trained by the HF Trainer; the reference is peft's o
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, require
+from tests.conftest import ROOT, in_process_llm, require
 
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -35,13 +34,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.config import WeightTransferConfig
-
-    engine = LLM(str(model_dir), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=64,
-                 enforce_eager=True, enable_lora=True, max_lora_rank=MAX_RANK, max_loras=2,
-                 weight_transfer_config=WeightTransferConfig(backend="hotweights"))
+    engine = in_process_llm(model_dir, max_model_len=64, enable_lora=True, max_lora_rank=MAX_RANK,
+                            max_loras=2)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
