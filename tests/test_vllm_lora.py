@@ -160,10 +160,17 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
         assert updater.lora_request is served
         assert sorted(p.name for p in Path(updater.lora_dir).iterdir()) == files
         assert vllm_run(llm, served) == good
-        # As for base weights, the engine reports the refusal once too, at its next update_weights.
-        llm.start_weight_update()
-        with pytest.raises(ManifestMismatchError, match="shape mismatch"):
-            llm.update_weights({"update_info": {"version": 2, "timeout_s": 5}})
+        # The whole adapter or nothing: vLLM loads a directory, not part of an adapter.
+        partial = {k: v for k, v in model.state_dict().items()
+                   if "lora_" in k and "layers.1.self_attn.v_proj" not in k}
+        with pytest.raises(ManifestMismatchError, match="v_proj.*missing"):
+            pub.publish(partial, step=3)
+        # As for base weights, the engine reports each refusal once too, at its next update_weights.
+        for problem in ("shape mismatch", "missing"):
+            llm.start_weight_update()
+            with pytest.raises(ManifestMismatchError, match=problem):
+                llm.update_weights({"update_info": {"version": 2, "timeout_s": 5}})
+        assert sorted(p.name for p in Path(updater.lora_dir).iterdir()) == files
 
         # A rank above the engine's max_lora_rank: refused on the trainer side, no worker touched ...
         too_big = lora_model(model_dir, r=2 * MAX_RANK)
@@ -176,7 +183,7 @@ def test_refused_versions_and_engines_keep_the_served_adapter(llm, model_dir):
         with pytest.raises(ConfigError, match="max_lora_rank"):
             llm.init_weight_transfer_engine({"init_info": info})
         nudge(model, seed=3)
-        pub.publish(model, step=3)
+        pub.publish(model, step=4)
         assert updater.lora_request.lora_int_id > served.lora_int_id
         assert vllm_run(llm, updater.lora_request) != good
 

@@ -163,6 +163,13 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
                               self._lora.adapter, keep=self._written)
             except HotweightsError as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - the other ranks wait in the all-reduce below: any
+                # failure (peft, safetensors) must reach it, then it is raised here with its cause.
+                log.error("writing adapter version %d failed: %s: %s", self._applying, type(exc).__name__,
+                          exc)
+                error = InferenceUpdateError(self._applying, f"writing adapter version {self._applying} "
+                                                             f"failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
         (failed,) = self._group.max([1 if error is not None else 0])
         if error is not None:
             raise error
