@@ -8,14 +8,16 @@ locally, real peft adapters trained by the HF Trainer; the reference is peft's o
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, in_process_llm, require
+from tests.conftest import ROOT, child_env, free_port, in_process_llm, require
 
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -38,6 +40,43 @@ def llm(model_dir):
                             max_loras=2)
     yield engine
     engine.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """vLLM's OpenAI server (its own processes) with the backend, LoRA and runtime adapter loading."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = child_env(VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "64",
+           "--enforce-eager", "--kv-cache-memory-bytes", str(16 << 20), "--enable-lora", "--max-lora-rank",
+           str(MAX_RANK), "--max-loras", "2", "--weight-transfer-config", '{"backend": "hotweights"}']
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM server did not start (rc {proc.poll()}):\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 def fresh_endpoint() -> str:
@@ -214,3 +253,46 @@ def test_adapter_mode_refusals_name_the_fix(llm, model_dir):
     # merged mode (the default) with a PeftModel is unaffected: no adapter keys are sent
     merged = VLLMUpdater(llm, "shm://x", config=SyncConfig.from_env(), peft_model=model)
     assert "lora_dir" not in merged.init_info and merged.lora_request is None
+
+
+def completion(url: str, model: str) -> list[int]:
+    """Greedy token ids (a random tiny model's text may be all special tokens, which decode to "")."""
+    import requests
+
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    response = requests.post(url + "/v1/completions", json=body, timeout=60)
+    response.raise_for_status()
+    return list(response.json()["choices"][0]["token_ids"])
+
+
+def test_vllm_serve_loads_each_version_as_one_named_adapter(llm, server, model_dir, tmp_path):
+    """A `vllm serve` URL: each version is loaded in place under one adapter name clients request."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from hotweights_trainer import SyncConfig, WeightPublisher
+    from hotweights_trainer.integrations.vllm.attach import attach_vllm
+    from hotweights_trainer.integrations.vllm.lora import adapter_path
+    from hotweights_trainer.integrations.vllm.updater import VLLMUpdater
+
+    config = SyncConfig.from_env(peft_mode="adapter", timeout_s=60)
+    model = lora_model(model_dir)
+    ep = fresh_endpoint()
+    lora_dir = str(tmp_path / "adapters")
+    with WeightPublisher(ep, config=config) as pub:
+        updater = VLLMUpdater(server, ep, config=config, peft_model=model, lora_dir=lora_dir)
+        attach_vllm(pub, updater)
+        pub.wait_for_receivers(1, timeout=60)
+        texts = []
+        for step in (1, 2):
+            nudge(model, seed=10 + step)
+            pub.publish(model, step=step)
+            assert updater.lora_model == "hotweights"
+            texts.append(completion(server, "hotweights"))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    check = LoRARequest("serve-check", 99, adapter_path(lora_dir, 2))
+    want = list(llm.generate([PROMPT], params, lora_request=check, use_tqdm=False)[0].outputs[0].token_ids)
+    assert texts[1] == want  # the server serves version 2, not the version-1 adapter it loaded first
+    assert texts[0] != texts[1]
+    assert completion(server, str(model_dir)) != want  # the base model is still served as it was

@@ -15,10 +15,16 @@ version from the hotweights endpoint. Each call is bounded: the worker waits at 
 
 Adapter mode (``config.peft_mode == "adapter"`` and ``peft_model`` a PeftModel, or ``init_info`` with
 ``lora_dir``): the workers write each version as a peft adapter directory (:mod:`.lora`) and leave
-the base weights alone; after the round the updater loads it into the engine as a LoRA adapter
-(``llm.llm_engine.add_lora``), then removes the previous one. Generation code passes
-:attr:`VLLMUpdater.lora_request` to ``llm.generate(..., lora_request=...)``. Only an in-process
-``LLM`` is supported there so far: a ``vllm serve`` URL or a sync client is a ConfigError.
+the base weights alone; after the round the updater has the engine load it as a LoRA adapter, before
+the prefix cache is reset:
+
+* an ``LLM``: ``llm.llm_engine.add_lora`` of a new ``LoRARequest`` per version, then the previous one
+  removed; generation code passes :attr:`VLLMUpdater.lora_request` to ``llm.generate``;
+* a ``vllm serve`` URL (started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``): ``POST
+  /v1/load_lora_adapter`` with ``load_inplace`` under one name, :attr:`VLLMUpdater.lora_model`, which
+  clients request as the ``model``; ``lora_dir`` must then be given, a directory on the server's host.
+
+A sync client other than these has no adapter API here: a ConfigError.
 """
 
 from __future__ import annotations
@@ -67,14 +73,22 @@ class VLLMUpdater:
                 and has_peft_layers(peft_model)):
             from .lora import lora_init_info
 
+            if lora_dir is None and isinstance(target, str):
+                raise ConfigError(f"adapter mode (peft_mode=adapter) into the `vllm serve` at {target} needs "
+                                  "lora_dir=, a directory on the server's host where its workers write the "
+                                  "adapter versions: pass vllm=VLLMUpdater(url, endpoint, config=..., "
+                                  "peft_model=model, lora_dir=...)")
             self.init_info.update(lora_init_info(unwrap_model(peft_model),
                                                  lora_dir or tempfile.mkdtemp(prefix="hotweights-lora-")))
         self.lora_dir: Optional[str] = self.init_info.get("lora_dir")
         """Adapter mode: where the engine writes adapter versions; None for base-weight updates."""
         self.lora_name = lora_name
         self.lora_request: Any = None
-        """Adapter mode: vLLM's ``LoRARequest`` of the live adapter version (None before the first)."""
+        """Adapter mode into an ``LLM``: vLLM's ``LoRARequest`` of the live version (None before it)."""
+        self.lora_model: Optional[str] = None
+        """Adapter mode: the name the live adapter is served under (the OpenAI ``model`` of a server)."""
         self._reset_prefix_cache = None
+        self._load_adapter_http = None
         if self.lora_dir is not None:
             self._check_lora_target(target)
         if isinstance(target, str):
@@ -86,6 +100,9 @@ class VLLMUpdater:
             self.client: Any = HTTPVLLMWeightSyncClient(base, timeout=self.config.timeout_s + HTTP_MARGIN_S)
             self._reset_prefix_cache = lambda: _post(base + "/reset_prefix_cache",
                                                      self.config.timeout_s + HTTP_MARGIN_S)
+            self._load_adapter_http = lambda path: _post(
+                base + "/v1/load_lora_adapter", self.config.timeout_s + HTTP_MARGIN_S,
+                {"lora_name": self.lora_name, "lora_path": path, "load_inplace": True})
         else:
             missing = [m for m in ("init_weight_transfer_engine", "start_weight_update", "update_weights",
                                    "finish_weight_update") if not callable(getattr(target, m, None))]
@@ -113,10 +130,12 @@ class VLLMUpdater:
         self._call(version, "start_weight_update")
         self._call(version, "update_weights", {"version": int(version), "timeout_s": self.config.timeout_s})
         self._call(version, "finish_weight_update", str(version))
+        if self.lora_dir is not None:
+            # Before the reset: a server reloads the adapter in place under the same id, and KV computed
+            # with the previous version in between must not be reused.
+            self._serve_adapter(int(version))
         if self._reset_prefix_cache is not None:
             self._call(version, "reset_prefix_cache")
-        if self.lora_dir is not None:
-            self._serve_adapter(int(version))
         self.version = int(version)
         self.last_seconds = time.perf_counter() - t0
         log.info("vLLM engine %s is on version %d (%.1f ms)", self.target, version, self.last_seconds * 1e3)
@@ -125,13 +144,14 @@ class VLLMUpdater:
         from .lora import check_engine
         from .options import parse_init_info
 
-        if not hasattr(target, "llm_engine"):
-            raise ConfigError(f"adapter mode (peft_mode=adapter) into vLLM needs an in-process vllm.LLM to "
-                              f"load the adapters into; {self.target} is not one (a `vllm serve` URL is not "
-                              "supported yet): publish with peft_mode=merged (HOTWEIGHTS_PEFT_MODE=merged) "
-                              "for it")
         lora = parse_init_info(self.init_info).lora
         assert lora is not None  # lora_dir is set, and parse_init_info raised on anything missing
+        if isinstance(target, str):
+            return  # the server's workers check their engine when they are initialised
+        if not hasattr(target, "llm_engine"):
+            raise ConfigError(f"adapter mode (peft_mode=adapter) into vLLM loads adapters into a vllm.LLM or "
+                              f"a `vllm serve` URL; {self.target} is neither: publish with peft_mode=merged "
+                              "(HOTWEIGHTS_PEFT_MODE=merged) for it")
         # Refused here, before any worker is touched, when the engine cannot serve the adapter.
         check_engine(target.llm_engine.vllm_config.lora_config, lora)
 
@@ -140,6 +160,11 @@ class VLLMUpdater:
         from .lora import adapter_path, request
 
         assert self.lora_dir is not None
+        if self._load_adapter_http is not None:  # the server's host has the directory, not this one
+            self._call(version, "load_lora_adapter", adapter_path(self.lora_dir, version),
+                       fn=self._load_adapter_http)
+            self.lora_model = self.lora_name
+            return
         if not os.path.isdir(adapter_path(self.lora_dir, version)):
             # The workers load the newest committed version >= the one asked for; with one commit hook
             # per version they are the same, so a missing directory means the engine moved past it.
@@ -153,6 +178,7 @@ class VLLMUpdater:
             self._call(version, "remove_lora", version)
             self._call(version, "add_lora", new)
         old, self.lora_request = self.lora_request, new
+        self.lora_model = new.lora_name
         if old is not None and old.lora_int_id != version:
             self._call(version, "remove_lora", old.lora_int_id)
 
@@ -160,8 +186,9 @@ class VLLMUpdater:
         """Commit hook: ``publisher.add_commit_hook(updater)`` applies each published version."""
         self.update(result.version)
 
-    def _call(self, version: int, method: str, *args: Any) -> Any:
-        fn = self._reset_prefix_cache if method == "reset_prefix_cache" else getattr(self.client, method)
+    def _call(self, version: int, method: str, *args: Any, fn: Any = None) -> Any:
+        if fn is None:
+            fn = self._reset_prefix_cache if method == "reset_prefix_cache" else getattr(self.client, method)
         try:
             return fn(*args)
         except HotweightsError as exc:
@@ -211,8 +238,11 @@ def _short(exc: BaseException) -> str:
     return text[:2000]
 
 
-def _post(url: str, timeout: float) -> None:
+def _post(url: str, timeout: float, body: Optional[dict[str, Any]] = None) -> None:
     import requests
 
-    response = requests.post(url, timeout=timeout)
+    response = requests.post(url, timeout=timeout, json=body)
+    if response.status_code == 404 and url.endswith("_lora_adapter"):
+        raise ConfigError(f"{url} is not served: start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                          "(and --enable-lora) for adapter mode")
     response.raise_for_status()
