@@ -21,8 +21,9 @@ the directory          rank 0: :func:`write_adapter` -- peft's own ``get_peft_mo
                        a temporary directory renamed to ``<lora_dir>/v<version>`` when complete;
                        other than the last :data:`KEEP` it wrote, version directories are removed
 serving                trainer: ``VLLMUpdater`` adds ``LoRARequest("<name>-v<version>", version,
-                       <lora_dir>/v<version>)`` to the engine after the update round and removes
-                       the previous adapter once the new one loaded
+                       <lora_dir>/v<version>)`` to an ``LLM`` after the update round and removes
+                       the previous adapter once the new one loaded; a ``vllm serve`` reloads one
+                       adapter name in place (``/v1/load_lora_adapter``)
 =====================  =======================================================================
 
 The directory must be on the engine's host (rank 0 writes it, every worker reads it when vLLM loads
