@@ -306,6 +306,12 @@ def prepare(source: Any, mode: str) -> tuple[Optional[str], Any]:
 
 
 # -------------------------------------------------------------------------------------- receiver side
+def adapter_targets(model: torch.nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``targets`` (a PEFT model's state dict) that its adapter form carries."""
+    view = PeftView(unwrap_model(model), "adapter")
+    return {name: t for name, t in targets.items() if view.route(name, t).wire is not None}
+
+
 def receiver_problem(form: Any, model: Optional[torch.nn.Module], holds_peft: bool) -> Optional[PeftModeError]:
     """Why a receiver cannot take a version announced in PEFT ``form`` (None when it can).
 
@@ -330,5 +336,5 @@ def receiver_problem(form: Any, model: Optional[torch.nn.Module], holds_peft: bo
     return PeftModeError(f"version announced an unknown PEFT form {form!r} (expected one of {', '.join(MODES)})")
 
 
-__all__ = ["MODES", "PeftItems", "PeftView", "Route", "has_peft_layers", "peft_loaded", "prepare",
-           "receiver_problem", "tuner_layers", "view_of"]
+__all__ = ["MODES", "PeftItems", "PeftView", "Route", "adapter_targets", "has_peft_layers", "peft_loaded",
+           "prepare", "receiver_problem", "tuner_layers", "view_of"]

@@ -29,7 +29,7 @@ from .errors import (AuthError, ClosedError, HotweightsError, ManifestMismatchEr
                      SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
-from .peft_sync import has_peft_layers, receiver_problem
+from .peft_sync import adapter_targets, has_peft_layers, receiver_problem
 from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver, required_groups
 from .transports import create_receiver_transport, parse_endpoint
 from .gpu.bucket import decode_received
@@ -72,7 +72,10 @@ class WeightReceiver:
     ``kv_policy`` (default ``config.kv_policy``): what happens to the KV caches registered in
     ``self.kv`` (a :class:`~hotweights_trainer.kv.KVRegistry`, or ``kv_registry``) at each version.
     ``require_complete``: reject (nack) a version that leaves out any tensor of ``model``, for loaders
-    that cannot take part of a model (vLLM's fused layers).
+    that cannot take part of a model (vLLM's fused layers); when ``model`` is a PeftModel, any tensor
+    of its adapter form (the adapter writer of the vLLM backend needs the whole adapter).
+    A PeftModel as ``model`` next to ``apply`` takes adapter-form versions: the model (it may live on
+    the ``meta`` device) checks names and shapes, ``apply`` gets the tensors under PeftModel names.
     """
 
     def __init__(self, endpoint: str, *, model: Optional[torch.nn.Module] = None,
@@ -93,7 +96,11 @@ class WeightReceiver:
         self._holds_peft = model is not None and has_peft_layers(model)
         self._resolve = make_resolver(targets, name_map)
         self._check = targets is not None
-        self._required = required_groups(targets) if (require_complete and targets is not None) else []
+        self._required: list[list[str]] = []
+        if require_complete and targets is not None:
+            # A PeftModel takes adapter-form versions only (receiver_problem), and those carry its
+            # adapter tensors alone: these are what must be complete, not the frozen base weights.
+            self._required = required_groups(adapter_targets(model, targets) if self._holds_peft else targets)
         self.receiver_id = f"{socket.gethostname()}:{os.getpid()}:{next(_ids)}"
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

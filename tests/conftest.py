@@ -87,6 +87,20 @@ def run_python(code_or_args, *, timeout: float = 120, env: dict | None = None, c
     return proc
 
 
+def in_process_llm(model_dir, **options):
+    """A real vLLM engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: started in seconds)
+    with the hotweights backend and small test settings, which ``options`` extend or replace.
+    Stop it with ``llm.llm_engine.engine_core.shutdown()``."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    from vllm.config import WeightTransferConfig
+
+    settings = {"dtype": "float32", "kv_cache_memory_bytes": 16 << 20, "max_model_len": 128,
+                "enforce_eager": True, "weight_transfer_config": WeightTransferConfig(backend="hotweights"),
+                **options}
+    return LLM(str(model_dir), **settings)
+
+
 @pytest.fixture
 def endpoint() -> str:
     """A fresh shm:// endpoint name per test."""

@@ -7,7 +7,6 @@ the multi-process engine. The model is a tiny Llama made locally, nothing is dow
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -15,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from tests.conftest import ROOT, child_env, require
+from tests.conftest import ROOT, child_env, in_process_llm, require
 from tests.procs.spawn import Proc
 
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -33,12 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.config import WeightTransferConfig
-
-    engine = LLM(str(model_dir), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=128,
-                 enforce_eager=True, weight_transfer_config=WeightTransferConfig(backend="hotweights"))
+    engine = in_process_llm(model_dir)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -69,13 +69,14 @@ class HotweightsCallback(TrainerCallback):
     def _is_main(state: Any) -> bool:
         return bool(getattr(state, "is_world_process_zero", True))
 
-    def _ensure_publisher(self) -> WeightPublisher:
+    def _ensure_publisher(self, model: Any = None) -> WeightPublisher:
         if self.publisher is None:
             self.publisher = WeightPublisher(self.endpoint, config=self.config)
             if self.vllm is not None:
                 from .vllm.attach import attach_vllm
 
-                self.vllm = attach_vllm(self.publisher, self.vllm, self.config)
+                # The model decides the form: a PeftModel with peft_mode=adapter is served as LoRA adapters.
+                self.vllm = attach_vllm(self.publisher, self.vllm, self.config, model=model)
         return self.publisher
 
     def tensors(self, model: Any, state: Any) -> Optional[Iterable]:
@@ -93,7 +94,7 @@ class HotweightsCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._apply_opt_policy_on_resume(args, state, kwargs.get("model"), kwargs.get("optimizer"))
         if self._is_main(state):
-            self._ensure_publisher()  # receivers can connect before the first step
+            self._ensure_publisher(kwargs.get("model"))  # receivers can connect before the first step
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None and state.global_step % self.every_n_steps == 0:
@@ -133,7 +134,7 @@ class HotweightsCallback(TrainerCallback):
             source = self.tensors(model, state)
             if source is None:
                 return
-            result = self._ensure_publisher().publish(source, step=step)
+            result = self._ensure_publisher(model).publish(source, step=step)
         except HotweightsError as exc:
             self.errors.append(exc)
             if self.config.on_error == "raise":
@@ -151,7 +152,7 @@ class HotweightsCallback(TrainerCallback):
                 return
             try:
                 if self.async_publisher is None:
-                    self.async_publisher = AsyncPublisher(self._ensure_publisher(), config=self.config)
+                    self.async_publisher = AsyncPublisher(self._ensure_publisher(model), config=self.config)
                 self.async_publisher.submit(source, step=step, force=final)  # snapshots (gathers) now
             finally:
                 finish(source)  # a ZeRO-3 gather stopped by an error still completes on every rank

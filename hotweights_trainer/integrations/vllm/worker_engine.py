@@ -21,6 +21,13 @@ vLLM call (trainer or HTTP route)      what this engine does, on every worker
 ``shutdown_weight_transfer_engine()``  closes the receiver
 =====================================  ===========================================================
 
+Adapter mode (``init_info`` with ``lora_dir``, see :mod:`.lora`): versions are a PeftModel's adapter
+tensors, checked against the engine's model wrapped with the trainer's LoRA config on the meta
+device; ``update_weights`` agrees on a version as above and rank 0 writes it as a peft adapter
+directory instead of loading anything, so base weights stay as they are. The trainer then has vLLM
+load that directory as a LoRA adapter (``VLLMUpdater``); vLLM's ``finish_weight_update`` drops the
+adapters it had loaded, so that happens after it.
+
 Why load in ``update_weights`` and not open the layerwise reload in ``start_weight_update`` (as
 checkpoint-format engines do): between those two calls the parameters are meta tensors, and an update
 that fails there (publisher killed, a version rejected) would leave an engine that dies at its next
@@ -38,12 +45,13 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, HotweightsError, InferenceUpdateError
 from ...receiver import WeightReceiver
 from ...staging import StagedVersion
 from .agreement import RankGroup, agree_and_take
+from .lora import KEEP, adapter_reference, check_engine, write_adapter
 from .manifest import checkpoint_model
-from .options import InitOptions, UpdateOptions, parse_init_info, parse_update_info
+from .options import InitOptions, LoraOptions, UpdateOptions, parse_init_info, parse_update_info
 
 try:
     from vllm.distributed.weight_transfer.base import WeightTransferEngine
@@ -67,6 +75,11 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         """The hotweights version this worker's model holds (0: the weights it started with)."""
         self.last_apply_seconds = 0.0
         self._group: Optional[RankGroup] = None
+        self._lora: Optional[LoraOptions] = None
+        self._reference: Optional[torch.nn.Module] = None
+        self._applying = 0
+        self._written: list[int] = []
+        """Adapter versions rank 0 wrote last (kept on disk when the next one is written)."""
 
     # ------------------------------------------------------------------------------ parsing
     def parse_init_info(self, init_dict: dict[str, Any]) -> InitOptions:
@@ -77,14 +90,29 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
 
     # ------------------------------------------------------------------------------ lifecycle
     def init_transfer_engine(self, init_info: InitOptions) -> None:
+        # Everything that can refuse the new options runs before the old receiver is closed, so a
+        # refused init leaves the engine following what it followed.
+        lora = init_info.lora
+        if lora is not None:
+            check_engine(self.vllm_config.lora_config, lora)
+            reference = adapter_reference(self.model_config.hf_config, self.model_config.dtype, lora)
+            apply = self._write_adapter
+        else:
+            reference = checkpoint_model(self.model_config.hf_config, self.model_config.dtype)
+            apply = self._load
         if self.receiver is not None:
             log.info("re-initialised: closing the receiver on %s", self.receiver.endpoint)
             self.receiver.close()
             self.receiver = None
-        reference = checkpoint_model(self.model_config.hf_config, self.model_config.dtype)
-        self.receiver = WeightReceiver(init_info.endpoint, model=reference, apply=self._load,
+        self._lora = lora
+        self._reference = reference
+        # A meta PeftModel as the reference takes adapter-form versions and refuses merged ones.
+        self.receiver = WeightReceiver(init_info.endpoint, model=reference, apply=apply,
                                        config=init_info.config, require_complete=True)
         self._group = RankGroup.of_vllm_world()
+        if lora is not None:
+            log.info("hotweights backend: adapter mode, LoRA r=%s adapters written to %s", lora.config["r"],
+                     lora.directory)
         log.info("hotweights backend: worker %d/%d follows %s", self._group.rank, self._group.size,
                  init_info.endpoint)
 
@@ -101,6 +129,7 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
             log.info("version %d already live; nothing to load", receiver.version)
             return
         t0 = time.perf_counter()
+        self._applying = staged.version  # the adapter writer names its directory by it
         receiver.apply_taken(staged)
         self.version = staged.version
         self.last_apply_seconds = time.perf_counter() - t0
@@ -122,6 +151,32 @@ class HotweightsWeightTransferEngine(WeightTransferEngine):  # type: ignore[type
         with torch.no_grad():
             reload_weights(self.vllm_config, self.model, weights_iterator=tensors, weights_path=None,
                            is_checkpoint_format=True)
+
+    def _write_adapter(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Adapter mode: rank 0 writes the version as a peft adapter directory; every rank then
+        learns whether it worked, so all of them mark the version live or none does."""
+        assert self._lora is not None and self._group is not None and self._reference is not None
+        error: Optional[HotweightsError] = None
+        if self._group.rank == 0:
+            try:
+                write_adapter(self._lora.directory, self._applying, tensors, self._reference,
+                              self._lora.adapter, keep=self._written)
+            except HotweightsError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - the other ranks wait in the all-reduce below: any
+                # failure (peft, safetensors) must reach it, then it is raised here with its cause.
+                log.error("writing adapter version %d failed: %s: %s", self._applying, type(exc).__name__,
+                          exc)
+                error = InferenceUpdateError(self._applying, f"writing adapter version {self._applying} "
+                                                             f"failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+        (failed,) = self._group.max([1 if error is not None else 0])
+        if error is not None:
+            raise error
+        if failed:
+            raise InferenceUpdateError(self._applying, f"rank 0 could not write adapter version "
+                                                       f"{self._applying}; no rank marked it live")
+        self._written = [*self._written, self._applying][-(KEEP - 1):]
 
     def _require_receiver(self) -> WeightReceiver:
         if self.receiver is None:
