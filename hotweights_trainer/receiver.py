@@ -108,7 +108,8 @@ class WeightReceiver:
         self._staging: Optional[StagedVersion] = None
         self._staging_error: Optional[HotweightsError] = None
         self._pending: Optional[StagedVersion] = None
-        self._errors: collections.deque[HotweightsError] = collections.deque(maxlen=32)
+        # (version it belongs to, or None for the connection itself; the error)
+        self._errors: collections.deque[tuple[Optional[int], HotweightsError]] = collections.deque(maxlen=32)
         self._live_version = 0
         self._live_session: Optional[int] = None
         self._live_step: Optional[int] = None
@@ -212,14 +213,19 @@ class WeightReceiver:
         limit = self.config.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
-            self._raise_pending_error()
             with self._cond:
                 if self._closed:
                     raise ClosedError(f"receiver on {self.endpoint} is closed")
+                # A version it rejected but a newer one superseded no longer matters here: the trainer's
+                # publish() already raised it.
                 if self._pending is not None and self._pending.version >= min_version:
+                    self._drop_errors_before(self._pending.version)
                     return self._pending.version
                 if self._pending is None and self._live_version >= min_version:
+                    self._drop_errors_before(self._live_version + 1)
                     return self._live_version
+            self._raise_pending_error(min_version)
+            with self._cond:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -324,15 +330,23 @@ class WeightReceiver:
         except HotweightsError:
             pass  # publisher gone: nothing to release to, its buffers went with it
 
-    def _raise_pending_error(self) -> None:
+    def _raise_pending_error(self, min_version: int = 0) -> None:
+        """Raise the oldest unreported error; errors of versions below ``min_version`` are dropped."""
         with self._lock:
-            err = self._errors.popleft() if self._errors else None
+            self._drop_errors_before(min_version)
+            err = self._errors.popleft()[1] if self._errors else None
         if err is not None:
             raise err
 
-    def _record_error(self, err: HotweightsError) -> None:
+    def _drop_errors_before(self, version: int) -> None:
+        while self._errors and self._errors[0][0] is not None and self._errors[0][0] < version:
+            dropped_version, err = self._errors.popleft()
+            log.debug("not reporting the rejection of version %d again (a newer version is asked for): %s",
+                      dropped_version, err)
+
+    def _record_error(self, err: HotweightsError, version: Optional[int] = None) -> None:
         metrics.ERRORS.labels(self._ep, type(err).__name__).inc()
-        self._errors.append(err)
+        self._errors.append((version, err))
         self._cond.notify_all()
 
     # ---------------------------------------------------------------- transport callbacks
@@ -478,7 +492,7 @@ class WeightReceiver:
         if isinstance(err, ManifestMismatchError):
             nack["problems"] = err.problems
         log.error("rejecting version %d: %s", st.version, err)
-        self._record_error(err)
+        self._record_error(err, st.version)
         self._observe_decision(st.version, False, f"rejected: {type(err).__name__}: {err}")
         self._discard()
         self._send(nack)

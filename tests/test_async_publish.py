@@ -130,7 +130,7 @@ def test_submit_after_close_and_bad_source_raise_typed_errors(endpoint):
     from hotweights_trainer import HotweightsError
     from hotweights_trainer.errors import ClosedError
 
-    with WeightPublisher(endpoint, config=SyncConfig(timeout_s=5)) as pub:
+    with WeightPublisher(endpoint, config=SyncConfig(timeout_s=5, linger_s=0)) as pub:
         apub = AsyncPublisher(pub)
         with pytest.raises(HotweightsError, match="expected"):
             apub.submit([("a", 3)])

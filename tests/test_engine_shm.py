@@ -15,7 +15,9 @@ from hotweights_trainer.verify import weights_digest
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, start_receiver, write_spec
 
-CFG = SyncConfig(bucket_mb=1, timeout_s=20)
+# Closing must not linger here (several tests close publishers whose receivers are gone or never came);
+# lingering has its own tests in test_run_edges.py.
+CFG = SyncConfig(bucket_mb=1, timeout_s=20, linger_s=0)
 
 
 @pytest.mark.parametrize("mode", ["model", "apply"])
@@ -189,7 +191,7 @@ def test_stalled_receiver_gives_publisher_a_bounded_timeout(endpoint):
     spec = mixed_spec(n_small=3, big_elems=1000)
     rx = start_receiver(endpoint, write_spec(spec), versions=3)
     try:
-        with WeightPublisher(endpoint, config=SyncConfig(bucket_mb=1, timeout_s=4)) as pub:
+        with WeightPublisher(endpoint, config=SyncConfig(bucket_mb=1, timeout_s=4, linger_s=0)) as pub:
             rx.next()
             pub.wait_for_receivers(1)
             pub.publish(make_tensors(spec, 1))

@@ -28,7 +28,7 @@ def train(out_dir, max_steps, endpoint, *, resume=None, policy=None, probe=None)
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 64, (16,), generator=g),
              "labels": torch.randint(0, 64, (16,), generator=g)} for _ in range(64)]
-    cb = HotweightsCallback(endpoint, config=SyncConfig(timeout_s=30), opt_policy=policy, opt_attenuation=0.5)
+    cb = HotweightsCallback(endpoint, config=SyncConfig(timeout_s=30, linger_s=0), opt_policy=policy, opt_attenuation=0.5)
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
                              per_device_train_batch_size=4, save_strategy="steps", save_steps=3,
                              logging_steps=1, disable_tqdm=True, learning_rate=1e-3, seed=0)

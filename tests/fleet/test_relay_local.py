@@ -154,7 +154,9 @@ def test_relay_command_text_output_follows_a_publisher():
     with WeightPublisher(up, config=SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)) as pub:
         proc = subprocess.Popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local",
                                  local, "--transport", "torch", "--timeout", "30", "--versions", "1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                                # no receiver ever joins the relay's local endpoint: do not linger for one
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=child_env(HOTWEIGHTS_LINGER_S="0"),
                                 cwd=ROOT)
         try:
             pub.wait_for_receivers(1, timeout=60)
