@@ -561,6 +561,12 @@ __all__ = ["SyncConfig", "field_docs", "field_sections", "default_of", "parse_in
 MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
+def child_environ(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, for the processes the library starts (fleet hosts).
+    Lives here because this is the one module that reads the environment."""
+    return {**os.environ, **extra}
+
+
 def launcher_facts(environ: Mapping[str, str] | None = None) -> dict[str, Optional[str]]:
     """What the process launcher says about this process (for transport auto-selection).
 

@@ -3,7 +3,7 @@
 - :mod:`.forward` -- how one version passes through a relay (the publisher and receiver hooks it uses);
 - :mod:`.node` -- :class:`~.node.HostRelay`, the process behind ``hotweights relay``;
 - :mod:`.netns` -- real multi-host fleets on one machine (network namespaces, a bridge, shaped links)
-  for the tests, the benchmark and ``python -m hotweights_trainer.relay.netns``.
+  for the tests, the benchmark and ``scripts/netns_fleet.py``.
 
 ``HostRelay`` is imported lazily: the publisher imports :mod:`.forward`, and :mod:`.node` imports the
 publisher.
