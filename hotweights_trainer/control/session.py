@@ -16,17 +16,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ..config import SyncConfig
 from ..errors import NotLeaderError, SyncTimeoutError
 from .coordinator import Coordinator
+from .handles import Handle
 from .janitor import HOST
+from .records import (Begun, Claimed, Committed, Decision, Left, Registered, Swept, format_key)
 
 log = logging.getLogger(__name__)
 
 
 class FleetSession:
+    """The coordinator API bound to one fleet and the epoch this publisher claimed.
+
+    ``call(method, args)`` reaches the coordinator: :meth:`.coordinator.Coordinator.call` in this
+    process, or :meth:`.client.CoordClient.call` across TCP. Answers come back as the typed records
+    of :mod:`.records`, every field checked, whichever backend answered.
+    """
+
     def __init__(self, fleet: str, call: Callable[[str, dict[str, Any]], Any], backend: str,
                  close: Callable[[], None] = lambda: None):
         self.fleet = fleet
@@ -34,53 +43,58 @@ class FleetSession:
         self._call = call
         self._close = close
         self.epoch = 0
-        self.claimed: dict[str, Any] = {}
+        self.claimed = Claimed(0, 0)
 
-    def claim(self, owner: dict[str, Any]) -> dict[str, Any]:
-        out = self._call("claim", {"owner": owner})
-        self.epoch = out["epoch"]
-        self.claimed = out
-        return out
+    def claim(self, owner: dict[str, Any]) -> Claimed:
+        self.claimed = Claimed.parse(self._call("claim", {"owner": owner}))
+        self.epoch = self.claimed.epoch
+        return self.claimed
 
-    def register(self, rid: str, pid: int, host: str, live_version: int) -> dict[str, Any]:
-        return self._call("register", {"epoch": self.epoch, "rid": rid, "pid": pid, "host": host,
-                                       "live_version": live_version})
+    def register(self, rid: str, pid: int, host: str, live_version: int) -> Registered:
+        return Registered.parse(self._call("register", {"epoch": self.epoch, "rid": rid, "pid": pid,
+                                                        "host": host, "live_version": live_version}))
 
     def heartbeat(self, rid: str, live_version: int) -> bool:
-        return self._call("heartbeat", {"epoch": self.epoch, "rid": rid, "live_version": live_version})
+        return bool(self._call("heartbeat", {"epoch": self.epoch, "rid": rid, "live_version": live_version}))
 
-    def leave(self, rid: str) -> dict[str, Any]:
-        return self._call("leave", {"epoch": self.epoch, "rid": rid})
+    def leave(self, rid: str) -> Left:
+        return Left.parse(self._call("leave", {"epoch": self.epoch, "rid": rid}))
 
-    def begin(self, step: Optional[int], min_version: Optional[int] = None) -> dict[str, Any]:
-        return self._call("begin", {"epoch": self.epoch, "step": step, "min_version": min_version})
+    def begin(self, step: Optional[int], min_version: Optional[int] = None) -> Begun:
+        return Begun.parse(self._call("begin", {"epoch": self.epoch, "step": step, "min_version": min_version}))
 
-    def seal(self, version: int, digest: str, n_buckets: int) -> dict[str, Any]:
-        return self._call("seal", {"epoch": self.epoch, "version": version, "digest": digest,
-                                   "n_buckets": n_buckets})
+    def seal(self, version: int, digest: str, n_buckets: int) -> Decision:
+        return Decision.parse(self._call("seal", {"epoch": self.epoch, "version": version, "digest": digest,
+                                                  "n_buckets": n_buckets}), "seal")
 
-    def precommit(self, rid: str, version: int, digest: Optional[str]) -> dict[str, Any]:
-        return self._call("precommit", {"epoch": self.epoch, "rid": rid, "version": version,
-                                        "digest": digest})
+    def precommit(self, rid: str, version: int, digest: Optional[str]) -> Decision:
+        return Decision.parse(self._call("precommit", {"epoch": self.epoch, "rid": rid, "version": version,
+                                                       "digest": digest}), "precommit")
 
-    def nack(self, rid: str, version: int, reason: str) -> dict[str, Any]:
-        return self._call("nack", {"epoch": self.epoch, "rid": rid, "version": version, "reason": reason})
+    def nack(self, rid: str, version: int, reason: str) -> Decision:
+        return Decision.parse(self._call("nack", {"epoch": self.epoch, "rid": rid, "version": version,
+                                                  "reason": reason}), "nack")
 
-    def commit(self, version: int) -> dict[str, Any]:
-        return self._call("commit", {"epoch": self.epoch, "version": version})
+    def commit(self, version: int) -> Committed:
+        return Committed.parse(self._call("commit", {"epoch": self.epoch, "version": version}))
 
     def abort(self, version: int, reason: str, kind: str) -> bool:
-        return self._call("abort", {"epoch": self.epoch, "version": version, "reason": reason, "kind": kind})
+        return bool(self._call("abort", {"epoch": self.epoch, "version": version, "reason": reason,
+                                         "kind": kind}))
 
-    def post_handles(self, version: int, handles: list[list[str]], owner: str, holders: list[str]) -> int:
-        return self._call("post_handles", {"epoch": self.epoch, "version": version, "handles": handles,
+    def post_handles(self, version: int, handles: Sequence[tuple[int, int, str, str]], owner: str,
+                     holders: list[str]) -> int:
+        """Post ``(version, index, name, signature)`` handles held by ``holders``."""
+        items = [[format_key((v, i)), name, sig] for v, i, name, sig in handles]
+        return self._call("post_handles", {"epoch": self.epoch, "version": version, "handles": items,
                                            "owner": owner, "holders": holders})
 
-    def ack(self, rid: str, version: int) -> list[dict[str, Any]]:
-        return self._call("ack", {"epoch": self.epoch, "rid": rid, "version": version})
+    def ack(self, rid: str, version: int) -> list[Handle]:
+        return [Handle.from_dict(h) for h in self._call("ack", {"epoch": self.epoch, "rid": rid,
+                                                               "version": version})]
 
-    def sweep(self) -> dict[str, Any]:
-        return self._call("sweep", {"epoch": self.epoch})
+    def sweep(self) -> Swept:
+        return Swept.parse(self._call("sweep", {"epoch": self.epoch}))
 
     def status(self) -> dict[str, Any]:
         return self._call("status", {})
@@ -138,4 +152,5 @@ def _wait_for_lease(coord: Coordinator, config: SyncConfig) -> None:
             time.sleep(min(config.coord_lease_ms / 4000.0, 0.25))
 
 
-__all__ = ["FleetSession", "open_session"]
+__all__ = ["Begun", "Claimed", "Committed", "Decision", "FleetSession", "Left", "Registered", "Swept",
+           "open_session"]
