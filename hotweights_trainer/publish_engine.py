@@ -172,7 +172,8 @@ class PublisherEngine:
             return
         rec.staged.add(rid)
         digest = msg.get("digest")
-        self._set_decision(self._session.precommit(rid, rec.version, digest if isinstance(digest, str) else None))
+        digest = digest if isinstance(digest, str) else None
+        self._set_decision(self._session.precommit(rid, rec.version, digest))
 
     def _on_lost(self, rid: str, reason: str) -> None:
         known = self._receivers.pop(rid, None) is not None

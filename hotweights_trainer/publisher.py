@@ -348,7 +348,8 @@ class WeightPublisher:
                             (t0, t_sent, t_staged, t1))
 
     def _record(self, rec: VersionRecord, committed: Committed, nbytes: int, n_tensors: int, t_gather: float,
-                t_encode: float, delta: Optional[DeltaStats], times: tuple[float, float, float, float]) -> PublishResult:
+                t_encode: float, delta: Optional[DeltaStats],
+                times: tuple[float, float, float, float]) -> PublishResult:
         t0, t_sent, t_staged, t1 = times
         dense_bytes = nbytes + (delta.dense_bytes - delta.payload_bytes if delta is not None else 0)
         result = PublishResult(

@@ -61,7 +61,8 @@ class FleetSession:
         return Left.parse(self._call("leave", {"epoch": self.epoch, "rid": rid}))
 
     def begin(self, step: Optional[int], min_version: Optional[int] = None) -> Begun:
-        return Begun.parse(self._call("begin", {"epoch": self.epoch, "step": step, "min_version": min_version}))
+        return Begun.parse(self._call("begin", {"epoch": self.epoch, "step": step,
+                                                "min_version": min_version}))
 
     def seal(self, version: int, digest: str, n_buckets: int) -> Decision:
         return Decision.parse(self._call("seal", {"epoch": self.epoch, "version": version, "digest": digest,

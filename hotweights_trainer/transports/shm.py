@@ -194,7 +194,7 @@ class ShmPublisher(ServedPublisher):
                     f"another publisher already serves {self.endpoint}; use another name or close it") from None
             raise
         sock.listen(128)
-        self._server = ControlServer(sock, handler=handler, timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes,
                                      name=self.endpoint.name)
         self._server.start()
@@ -309,7 +309,8 @@ class ShmReceiver(ClientReceiver):
 
         self._client = ControlClient(
             connect, hello=hello, on_connected=lambda: handler.on_connected({}),
-            on_frame=self._on_frame, on_lost=self._on_lost, timeout_s=self.config.timeout_s,
+            on_frame=self._on_frame, on_lost=self._on_lost, on_error=handler.on_error,
+            timeout_s=self.config.timeout_s,
             max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
         self._client.start()
 
