@@ -164,7 +164,9 @@ class EventLoop:
         try:
             return fut.result(timeout)
         except TimeoutError:
-            # concurrent.futures.TimeoutError is the builtin one since Python 3.11
+            if fut.done():
+                raise  # fn itself raised a TimeoutError (SyncTimeoutError is one)
+            fut.cancel()  # not started yet: it must not run after its caller gave up
             raise SyncTimeoutError(f"the publisher engine did not run {getattr(fn, '__name__', fn)} within "
                                    f"{timeout:.1f}s (it is busy with a transport call)") from None
 

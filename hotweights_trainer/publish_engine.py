@@ -60,13 +60,13 @@ class PublisherEngine:
     # ---------------------------------------------------------------- events (engine thread)
     def dispatch(self, event: Event) -> None:
         if isinstance(event, Message):
-            self._on_message(event.rid, event.msg)
+            self._message(event.rid, event.msg)
         elif isinstance(event, Tick):
-            self._on_tick()
+            self._tick()
         elif isinstance(event, Joined):
-            self._on_join(event.rid, event.hello)
+            self._joined(event.rid, event.hello)
         elif isinstance(event, Lost):
-            self._on_lost(event.rid, event.reason)
+            self._lost(event.rid, event.reason)
         elif isinstance(event, Failed):
             self.fail(event.error, f"running {event.where}")
 
@@ -86,7 +86,7 @@ class PublisherEngine:
         self.connected = frozenset(self._receivers)
         metrics.RECEIVERS.labels(self._ep).set(len(self.connected))
 
-    def _on_join(self, rid: str, hello: dict[str, Any]) -> None:
+    def _joined(self, rid: str, hello: dict[str, Any]) -> None:
         token = self.config.coord_token
         if token is not None:
             given = hello.get("token")
@@ -130,7 +130,7 @@ class PublisherEngine:
         if rec is not None and rec.state == "waiting" and rec.error is None:
             rec.error = exc
 
-    def _on_message(self, rid: str, msg: dict[str, Any]) -> None:
+    def _message(self, rid: str, msg: dict[str, Any]) -> None:
         try:
             self._handle_message(rid, msg)
         except HotweightsError as exc:
@@ -175,7 +175,7 @@ class PublisherEngine:
         digest = digest if isinstance(digest, str) else None
         self._set_decision(self._session.precommit(rid, rec.version, digest))
 
-    def _on_lost(self, rid: str, reason: str) -> None:
+    def _lost(self, rid: str, reason: str) -> None:
         known = self._receivers.pop(rid, None) is not None
         self._set_connected()
         self._relay_lost(rid, reason)
@@ -194,7 +194,7 @@ class PublisherEngine:
             self._maybe_recycle(rec)
         log.info("receiver %s left %s: %s", rid, self.endpoint, reason)
 
-    def _on_tick(self) -> None:
+    def _tick(self) -> None:
         if self.closed:
             return
         now = time.monotonic()

@@ -322,6 +322,8 @@ class WeightPublisher:
                 unposted = None
                 n_buckets += 1
                 self._raise_failed_post(posts, version)
+                if rec.error is not None:  # the engine failed meanwhile: stop packing now
+                    raise rec.error
             for fut in posts:
                 self._post_result(fut, version)
             t_sent = time.perf_counter()
@@ -384,6 +386,8 @@ class WeightPublisher:
         except HotweightsError:
             raise
         except TimeoutError:
+            if fut.done():
+                raise engine_error(fut.exception(), "posting a bucket", version) from fut.exception()
             raise SyncTimeoutError(f"version {version}: posting a bucket took longer than "
                                    f"{self.config.timeout_s:.1f}s") from None
         except Exception as exc:

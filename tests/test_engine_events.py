@@ -99,3 +99,30 @@ def test_fault_in_a_receiver_handler_fails_the_version_on_both_sides(endpoint, t
         assert any(isinstance(e, Injected) for e in _cause_chain(received.value))
         assert rx.version == 0  # nothing was applied
         assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
+
+
+def test_fault_in_a_transport_post_fails_the_version_and_the_next_one_goes_through(endpoint, monkeypatch):
+    spec = mixed_spec(n_small=3, big_elems=300_000)  # several buckets: the fault comes mid-version
+    rx = start_receiver(endpoint, write_spec(spec), versions=1)
+    real_post = ShmPublisher.post
+    posted = []
+
+    def post(self, to, version, index, buf):  # runs on the engine thread
+        posted.append(index)
+        if index == 1:
+            raise Injected("planted fault")
+        real_post(self, to, version, index, buf)
+
+    try:
+        assert rx.next()["ready"]
+        with WeightPublisher(endpoint, config=CFG) as pub:
+            pub.wait_for_receivers(1)
+            monkeypatch.setattr(ShmPublisher, "post", post)
+            with pytest.raises(EngineError) as info:
+                pub.publish(make_tensors(spec, 1))
+            assert isinstance(info.value.__cause__, Injected) and "version 1" in str(info.value)
+            monkeypatch.undo()
+            assert pub.publish(make_tensors(spec, 2)).receivers == 1  # version 1 was aborted, not applied
+            assert rx.next()["version"] == 2
+    finally:
+        rx.kill()

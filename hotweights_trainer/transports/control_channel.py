@@ -170,8 +170,11 @@ class ControlServer:
                         rid = f"{rid}#{id(conn):x}"
                     conn.rid = rid
                     self._conns[rid] = conn
-                if self._hook(f"admit({rid})", self._tx.admit, rid, msg):
+                admitted = self._hook(f"admit({rid})", self._tx.admit, rid, msg)
+                if admitted:
                     self._events.on_join(rid, msg)
+                elif admitted is None:  # the hook raised: nobody else will let this receiver go
+                    self.drop(rid, "the publisher's transport failed to admit it")
             elif msg["op"] == "tx":
                 self._hook(f"on_transport_message({conn.rid})", self._tx.on_transport_message, conn.rid, msg)
             else:
@@ -196,7 +199,7 @@ class ControlServer:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - handed to the engine as a Failed event
             self._events.on_error(exc, f"the {self._tx.name} transport's {what} on its control thread")
-            return False
+            return None
 
 
 class ControlClient:
