@@ -176,7 +176,8 @@ class WeightPublisher:
         with self._publish_lock:
             if self._closed or self._closing:
                 raise ClosedError(f"publisher on {self.endpoint} is closed")
-            failure = self._call(self._engine.take_failure)
+            # Read here, taken on the engine thread only when there is one: no hop per version.
+            failure = self._call(self._engine.take_failure) if self._engine.failure is not None else None
             if failure is not None:  # an engine failure while no version was in flight
                 metrics.ERRORS.labels(self._ep, type(failure).__name__).inc()
                 raise failure
@@ -272,7 +273,7 @@ class WeightPublisher:
             return self._live_loop().call(fn, *args, timeout=self.config.timeout_s)
         except HotweightsError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug in engine code: typed, with its cause
             raise engine_error(exc, f"running {getattr(fn, '__name__', fn)}", None) from exc
 
     # ---------------------------------------------------------------- one version
@@ -329,8 +330,8 @@ class WeightPublisher:
             t_sent = time.perf_counter()
             end = {"op": "end", "version": version, "n_buckets": n_buckets, "digest": manifest.digest(),
                    "n_tensors": len(manifest)}
-            self._call(self._engine.seal, rec, end)
-            self._wait_decision(rec)
+            sealed = loop.submit(self._engine.seal, rec, end)  # its outcome is awaited with the decision
+            self._wait_decision(rec, sealed)
             if fwd is not None:
                 fwd.before_commit(version)  # upstream commits: so do we; upstream aborts: raises
             t_staged = time.perf_counter()
@@ -381,32 +382,38 @@ class WeightPublisher:
             self._post_result(posts.pop(0), version)
 
     def _post_result(self, fut: Any, version: int) -> None:
+        self._step_result(fut, "posting a bucket", version)
+
+    def _step_result(self, fut: Any, what: str, version: int) -> None:
+        """The outcome of a step handed to the engine with ``submit``: a bug becomes an EngineError."""
         try:
             fut.result(self.config.timeout_s)
         except HotweightsError:
             raise
         except TimeoutError:
             if fut.done():
-                raise engine_error(fut.exception(), "posting a bucket", version) from fut.exception()
-            raise SyncTimeoutError(f"version {version}: posting a bucket took longer than "
+                raise engine_error(fut.exception(), what, version) from fut.exception()
+            raise SyncTimeoutError(f"version {version}: {what} took longer than "
                                    f"{self.config.timeout_s:.1f}s") from None
-        except Exception as exc:
-            raise engine_error(exc, "posting a bucket", version) from exc
+        except Exception as exc:  # noqa: BLE001 - a bug in engine code: typed, with its cause
+            raise engine_error(exc, what, version) from exc
 
-    def _wait_decision(self, rec: VersionRecord) -> None:
+    def _wait_decision(self, rec: VersionRecord, sealed: Any) -> None:
         deadline = time.monotonic() + self.config.timeout_s
         loop = self._live_loop()
         while True:
             gen = loop.generation
             if self._closed:
                 raise ClosedError("publisher closed while a version was in flight")
+            if sealed.done():
+                self._step_result(sealed, "sealing", rec.version)
             if rec.error is not None:
                 raise rec.error
             lost = self._tx.delivery_error(rec.version)
             if lost is not None:
                 raise lost
             d = rec.decision
-            if d.decision == "commit":
+            if d.decision == "commit" and sealed.done():
                 return
             if d.decision == "abort" and d.kind != "deadline":
                 if rec.nacks:
