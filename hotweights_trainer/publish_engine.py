@@ -21,7 +21,7 @@ from .config import SyncConfig
 from .control.handles import Handle, sign_handle
 from .control.janitor import free_handles
 from .control.records import Committed, Decision, HandleKey, handle_key
-from .control.session import FleetSession
+from .control.session import CoordinatorApi
 from .engine import Event, Failed, Joined, Lost, Message, Tick, engine_error
 from .errors import HotweightsError, PeerLostError
 from .publish_records import ReceiverRecord, VersionRecord
@@ -32,8 +32,8 @@ log = logging.getLogger("hotweights_trainer.publisher")
 
 
 class PublisherEngine:
-    def __init__(self, *, endpoint: Any, config: SyncConfig, tx: PublisherTransport, session: FleetSession,
-                 delta: Any, owner: str, session_id: int):
+    def __init__(self, *, endpoint: Any, config: SyncConfig, tx: PublisherTransport,
+                 session: CoordinatorApi, delta: Any, owner: str, session_id: int):
         self.endpoint = endpoint
         self.config = config
         self._ep = str(endpoint)

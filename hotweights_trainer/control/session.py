@@ -1,14 +1,19 @@
 """``FleetSession``: what a publisher holds, the coordinator API bound to its fleet and claimed epoch.
 
-:func:`open_session` picks the backend from ``SyncConfig.coord_backend``:
+The publisher's engine sees the coordinator only as :class:`CoordinatorApi`: one method per
+operation, answers as the typed records of :mod:`.records`. :class:`FleetSession` implements it over
+any backend; :func:`open_session` picks the backend from ``SyncConfig.coord_backend``:
 
 - ``embedded`` (default): a :class:`~.coordinator.Coordinator` in this process, state in memory.
-  Nothing to start; every call is a method call (microseconds).
-- ``redis``: a Coordinator in this process whose state lives in Redis (``redis_url``), written only
-  while this process holds the fleet's leader lease. A restarted publisher resumes the fleet: version
-  numbering continues and receivers keep serving what they run.
+  Nothing to start; every call is a direct method call, nothing serialised (microseconds).
+- ``redis``: a Coordinator in this process, called the same way, whose state is serialised to Redis
+  (``redis_url``) and written only while this process holds the fleet's leader lease. A restarted
+  publisher resumes the fleet: version numbering continues and receivers keep serving what they run.
 - ``tcp``: the Coordinator runs in ``hotweights coord serve`` (``coord_endpoint``, several for
-  failover); calls are requests over TCP.
+  failover); every call is serialised into a request over TCP (:mod:`.client`, :mod:`.rpc`).
+
+Whichever backend answered, the answer is parsed into a record with every field checked, so the
+engine never indexes a dict.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from ..config import SyncConfig
 from ..errors import NotLeaderError, SyncTimeoutError
@@ -26,6 +31,43 @@ from .janitor import HOST
 from .records import (Begun, Claimed, Committed, Decision, Left, Registered, Swept, format_key)
 
 log = logging.getLogger(__name__)
+
+
+class CoordinatorApi(Protocol):
+    """The coordinator as the publisher's engine calls it, bound to the engine's fleet and epoch."""
+
+    backend: str
+    epoch: int
+    claimed: Claimed
+
+    def register(self, rid: str, pid: int, host: str, live_version: int) -> Registered: ...
+
+    def heartbeat(self, rid: str, live_version: int) -> bool: ...
+
+    def leave(self, rid: str) -> Left: ...
+
+    def begin(self, step: Optional[int], min_version: Optional[int] = None) -> Begun: ...
+
+    def seal(self, version: int, digest: str, n_buckets: int) -> Decision: ...
+
+    def precommit(self, rid: str, version: int, digest: Optional[str]) -> Decision: ...
+
+    def nack(self, rid: str, version: int, reason: str) -> Decision: ...
+
+    def commit(self, version: int) -> Committed: ...
+
+    def abort(self, version: int, reason: str, kind: str) -> bool: ...
+
+    def post_handles(self, version: int, handles: Sequence[tuple[int, int, str, str]], owner: str,
+                     holders: list[str]) -> int: ...
+
+    def ack(self, rid: str, version: int) -> list[Handle]: ...
+
+    def sweep(self) -> Swept: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class FleetSession:
@@ -124,7 +166,8 @@ def open_session(fleet: str, config: SyncConfig) -> FleetSession:
                                holder={"endpoint": f"publisher {HOST}:{os.getpid()}", "host": HOST,
                                        "pid": os.getpid()})
         coord = Coordinator(fleet, config, store)
-        session = FleetSession(fleet, coord.call, backend, coord.close)
+        ops = {name[3:]: getattr(coord, name) for name in dir(coord) if name.startswith("op_")}
+        session = FleetSession(fleet, lambda m, a: ops[m](**a), backend, coord.close)
         if backend == "redis":
             _wait_for_lease(coord, config)
     try:
@@ -153,5 +196,5 @@ def _wait_for_lease(coord: Coordinator, config: SyncConfig) -> None:
             time.sleep(min(config.coord_lease_ms / 4000.0, 0.25))
 
 
-__all__ = ["Begun", "Claimed", "Committed", "Decision", "FleetSession", "Left", "Registered", "Swept",
-           "open_session"]
+__all__ = ["Begun", "Claimed", "Committed", "CoordinatorApi", "Decision", "FleetSession", "Left",
+           "Registered", "Swept", "open_session"]
