@@ -116,7 +116,9 @@ _BY_FLAT: dict[str, Setting] = {s.flat: s for s in SETTINGS}
 _SECTION_BY_KEY: dict[str, type[Section]] = {cls.KEY: cls for cls in SECTIONS}
 
 
-@dataclass(frozen=True, slots=True, init=False)
+# Not slots=True: the frozen __setattr__ of a slots dataclass breaks on names that are not fields
+# (every flat name), where this one refuses them with FrozenInstanceError like the fields.
+@dataclass(frozen=True, init=False)
 class SyncConfig:
     """All settings of hotweights_trainer, in sections. Construct directly, or with :meth:`from_env`."""
 
