@@ -106,11 +106,12 @@ def test_every_problem_reported_at_once():
     probs = info.value.problems
     assert len(probs) == 6
     text = str(info.value)
-    for name in ("HOTWEIGHTS_BUCKET_MB", "HOTWEIGHTS_TIMEOUT_S", "HOTWEIGHTS_ON_ERROR", "HOTWEIGHTS_OPT_ATTENUATION",
-                 "HOTWEIGHTS_IPC_MIN_INFLIGHT", "HOTWEIGHTS_COORD_LEASE_MS"):
+    for name in ("HOTWEIGHTS_BUCKET_MB", "HOTWEIGHTS_TIMEOUT_S", "HOTWEIGHTS_ON_ERROR",
+                 "HOTWEIGHTS_OPT_ATTENUATION", "HOTWEIGHTS_IPC_MIN_INFLIGHT", "HOTWEIGHTS_COORD_LEASE_MS"):
         assert name in text
     # Each problem names the section field too, so it can be found from code or from the shell.
-    for path in ("core.bucket_mb", "core.timeout_s", "optim.attenuation", "window.min_inflight", "control.lease_s"):
+    for path in ("core.bucket_mb", "core.timeout_s", "optim.attenuation", "window.min_inflight",
+                 "control.lease_s"):
         assert path in text
 
 
@@ -179,7 +180,8 @@ def test_units_are_one_per_kind():
 def test_transport_specific_settings_say_which_transports():
     for cls in SECTIONS:
         if cls.KEY in TRANSPORTS:  # a section of one transport: each field says it is that one's
-            assert all(s.used_by == (cls.KEY,) for s in SETTINGS if s.section is cls and s.name != "use_gds"), cls
+            own = [s for s in SETTINGS if s.section is cls and s.name != "use_gds"]
+            assert own and all(s.used_by == (cls.KEY,) for s in own), cls
     window = {s.flat: s.used_by for s in SETTINGS if s.section is WindowConfig}
     assert all(set(u) == set(WINDOWED) for u in window.values()) and set(WINDOWED) <= TRANSPORTS
     assert all(set(s.used_by) <= TRANSPORTS for s in SETTINGS if s.section.KEY in ("delta_sync", "gpu")

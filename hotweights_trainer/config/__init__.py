@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from .environ import MPI_LAUNCHER_VARIABLES, child_environ, launcher_facts
 from .schema import ENV_PREFIX, Section, parse_int_list
-from .sections import (DTYPE_NAMES, SECTIONS, WINDOWED, AsyncPushConfig, ControlConfig, CoreConfig, CudaIpcConfig,
-                       DeltaSyncConfig, GpuConfig, KVConfig, MetricsConfig, MpiConfig, OptimConfig, PeftSyncConfig,
-                       ReceiversConfig, TorchConfig, TransportName, UcxConfig, WindowConfig)
-from .sync import (NON_CONFIG_VARIABLES, SETTINGS, Setting, SyncConfig, default_of, field_docs, field_sections,
-                   section_field_docs, section_title, setting)
+from .sections import (DTYPE_NAMES, SECTIONS, WINDOWED, AsyncPushConfig, ControlConfig, CoreConfig,
+                       CudaIpcConfig, DeltaSyncConfig, GpuConfig, KVConfig, MetricsConfig, MpiConfig,
+                       OptimConfig, PeftSyncConfig, ReceiversConfig, TorchConfig, TransportName, UcxConfig,
+                       WindowConfig)
+from .sync import (NON_CONFIG_VARIABLES, SETTINGS, Setting, SyncConfig, default_of, field_docs,
+                   field_sections, section_field_docs, section_title, setting)
 
 __all__ = [
     "SyncConfig", "Setting", "SETTINGS", "SECTIONS", "Section", "setting", "field_docs", "field_sections",
-    "section_field_docs", "section_title", "default_of", "parse_int_list", "NON_CONFIG_VARIABLES", "ENV_PREFIX",
+    "section_field_docs", "section_title", "default_of", "parse_int_list", "NON_CONFIG_VARIABLES",
+    "ENV_PREFIX",
     "DTYPE_NAMES", "TransportName", "WINDOWED", "MPI_LAUNCHER_VARIABLES", "child_environ", "launcher_facts",
     "CoreConfig", "ReceiversConfig", "DeltaSyncConfig", "AsyncPushConfig", "PeftSyncConfig", "WindowConfig",
     "CudaIpcConfig", "TorchConfig", "GpuConfig", "MpiConfig", "UcxConfig", "ControlConfig", "MetricsConfig",

@@ -11,7 +11,8 @@ import os
 from typing import Mapping, Optional
 
 # Environment variables set by MPI launchers (mpirun/mpiexec/srun with PMI) in every process they start.
-MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                          "MV2_COMM_WORLD_SIZE")
 
 
 def child_environ(**extra: str) -> dict[str, str]:

@@ -114,7 +114,7 @@ class AsyncPushConfig(Section):
     """Asynchronous publishing: push a step's weights while the next step trains."""
 
     KEY: ClassVar[str] = "async_push"
-    USED_BY: ClassVar[tuple[str, ...]] = ("publisher",)
+    USED_BY: ClassVar[tuple[str, ...]] = ("trainer callbacks",)
 
     enabled: bool = setting(False, flat="async_publish")
     """Publish from a background thread while the next training step runs. The snapshot is taken at
@@ -151,7 +151,9 @@ class WindowConfig(Section):
     """In-flight window: buckets moving at once on the pipelining transports (cuda_ipc, torch, mpi, ucx).
 
     The ``ipc_`` prefix of the flat names is historical: the window was first written for CUDA-IPC,
-    and the same knobs now drive every transport in ``WINDOWED`` (mpi starts from ``mpi_window``).
+    and the same knobs now drive the cuda_ipc, torch, mpi and ucx publishers alike (mpi starts from
+    ``mpi_window`` instead of ``ipc_inflight_buckets``). The shm transport has no window: each
+    bucket is packed straight into a shared-memory block that receivers map.
     """
 
     KEY: ClassVar[str] = "window"
@@ -236,7 +238,7 @@ class TorchConfig(Section):
 
 @_section
 class GpuConfig(Section):
-    """Device-side work on receivers: the scatter on the torch transport's receivers, and GPUDirect Storage."""
+    """Device-side work: the scatter on the torch transport's receivers, and GPUDirect Storage."""
 
     KEY: ClassVar[str] = "gpu"
     FLAT_PREFIX: ClassVar[str] = "gpu_copy_"

@@ -1,4 +1,4 @@
-"""``SyncConfig``: the sections together, every setting also under its flat name, read from the environment once.
+"""``SyncConfig``: the sections together, each setting also under its flat name, read from the environment.
 
 ``SyncConfig`` holds one frozen section per part of the library (``cfg.core``, ``cfg.torch``, ...;
 see :mod:`.sections`). Every section field also has a flat name, which is an attribute of
@@ -227,14 +227,14 @@ class SyncConfig:
                 kwargs[s.flat] = parse(s.flat_type, env[var])
             except ValueError as exc:
                 problems.append(f"{var}={env[var]!r} ({s.path}): {exc}")
-        unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in _BY_FLAT
-                         and k not in NON_CONFIG_VARIABLES)
+        unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_VARIABLES
+                         and k[len(ENV_PREFIX):].lower() not in _BY_FLAT)
         if unknown:
             log.warning("ignoring unknown environment variables (typo?): %s", ", ".join(unknown))
         for key, value in overrides.items():
             if key in _SECTION_BY_KEY:  # a section override replaces what the environment said of it
                 given = value if isinstance(value, Mapping) else (
-                    {f.name: getattr(value, f.name) for f in fields(value)} if isinstance(value, Section) else {})
+                    {f.name for f in fields(value)} if isinstance(value, Section) else ())
                 for s in SETTINGS:
                     if s.section.KEY == key and s.name in given:
                         kwargs.pop(s.flat, None)
@@ -270,9 +270,11 @@ del _s
 
 NON_CONFIG_VARIABLES: Mapping[str, str] = {
     "HOTWEIGHTS_REQUIRE": "read by the test suite, not the library: a comma list of optional parts "
-                          "(mpi, ucx, redis, deepspeed, hf, vllm, peft, trl) whose tests must fail instead of skipping",
+                          "(mpi, ucx, redis, deepspeed, hf, vllm, peft, trl) whose tests must fail "
+                          "instead of skipping",
 }
-"""``HOTWEIGHTS_*`` names that are deliberately not settings, each with the reason (docs/TUNING.md lists them)."""
+"""``HOTWEIGHTS_*`` names that are deliberately not settings, each with the reason (docs/TUNING.md
+lists them)."""
 
 
 # ---------------------------------------------------------------- documentation, keyed by flat name
@@ -284,7 +286,8 @@ def section_field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if is_doc and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
