@@ -40,8 +40,6 @@ ENV_PREFIX = "HOTWEIGHTS_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-_MISSING = object()
-
 
 def setting(default: Any, *, flat: Optional[str] = None, min: Optional[float] = None,  # noqa: A002
             max: Optional[float] = None, gt: Optional[float] = None,  # noqa: A002
@@ -79,6 +77,14 @@ class Section:
 
     def _label(self, name: str) -> str:
         return label(type(self), next(f for f in fields(self) if f.name == name))
+
+    # Pickling of frozen slots dataclasses: Python 3.11 generates these, 3.10 may not.
+    def __getstate__(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def __setstate__(self, state: list[Any]) -> None:
+        for f, value in zip(fields(self), state):
+            object.__setattr__(self, f.name, value)
 
 
 # ---------------------------------------------------------------- facts about one field
