@@ -265,7 +265,7 @@ class GpuConfig(Section):
     micro_streams: str = setting("1,2,4", check=parse_int_list, unit="count list")
     """Comma-separated stream counts the device-copy microbenchmark tries."""
 
-    use_gds: bool = setting(False, flat="use_gds", used_by=("checkpoint loading",))
+    use_gds: bool = setting(False, flat="use_gds", used_by=("checkpoint publishing (CheckpointReader)",))
     """Read checkpoint shards straight into device buckets with GPUDirect Storage (needs CuPy and
     KvikIO); falls back to CPU assembly plus host-to-device copy and logs why."""
 
