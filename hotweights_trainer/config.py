@@ -83,6 +83,12 @@ class SyncConfig:
     at once. 30 s covers a receiver still importing torch and loading a small model, and a vLLM
     engine start (17-28 s measured for a tiny model on a 2-core CPU); raise it for slower starts."""
 
+    exit_linger_s: float = 0.0
+    """Seconds a publisher that was never closed lingers (as for linger_s) when the interpreter exits,
+    where it is closed for you so its shared memory is freed. 0 (default): close at once, so a script
+    that ends without ``close()`` exits promptly; raise it to let receivers still starting get the
+    last version."""
+
     # ---------------------------------------------------------------- delta sync and async publishing
     delta: Literal["auto", "off", "always"] = "auto"
     """Sparse delta sync. ``auto`` sends a full snapshot first and then only changed elements when that
@@ -326,8 +332,9 @@ class SyncConfig:
                      "heartbeat_ttl_s", "coord_lease_ms", "receiver_wait_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{_label(name)} must be > 0, got {getattr(self, name)!r}")
-        if not self.linger_s >= 0:
-            out.append(f"{_label('linger_s')} must be >= 0, got {self.linger_s!r}")
+        for name in ("linger_s", "exit_linger_s"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{_label(name)} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.metrics_port <= 65535:
             out.append(f"{_label('metrics_port')} must be 0..65535, got {self.metrics_port!r}")
         if self.ipc_min_inflight > self.ipc_max_inflight:
