@@ -31,7 +31,7 @@ from hotweights_trainer import SyncConfig, WeightPublisher
 
 endpoint, how = sys.argv[1], sys.argv[2]
 name = endpoint.split("://")[1]
-pub = WeightPublisher(endpoint, config=SyncConfig(bucket_mb=1, timeout_s=20))
+pub = WeightPublisher(endpoint, config=SyncConfig.from_env(bucket_mb=1, timeout_s=20))
 torch.manual_seed(0)
 pub.publish({"a": torch.randn(300_000), "b": torch.randn(300_000)})  # several 1 MiB buckets
 blocks = sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"hwt.{name}."))
@@ -110,6 +110,33 @@ def test_os_exit_blocks_are_reclaimed_by_coord_gc(endpoint):
     assert blocks(endpoint) == set()
 
 
+RECEIVER_GETS_VERSION = r"""
+import json, sys
+from hotweights_trainer import SyncConfig, WeightReceiver
+seen = {}
+with WeightReceiver(sys.argv[1], apply=lambda items: seen.update(items), config=SyncConfig(timeout_s=30)) as rx:
+    print(json.dumps({"version": rx.wait_for_version(1), "names": sorted(seen)}), flush=True)
+"""
+
+
+def receiver_gets_version_1(endpoint: str) -> None:
+    got = run_python(["-c", RECEIVER_GETS_VERSION, endpoint], timeout=120)
+    assert json.loads(got.stdout.splitlines()[-1]) == {"version": 1, "names": ["a", "b"]}
+
+
+def test_exit_linger_serves_the_last_version_to_a_late_receiver_then_frees_everything(endpoint):
+    # The script ends before the inference side connects; with HOTWEIGHTS_EXIT_LINGER_S its publisher,
+    # closed at exit, still hands the last version over (without it, exit closes at once).
+    pub = Proc(["-c", PUBLISHER, endpoint, "return"], env=child_env(HOTWEIGHTS_EXIT_LINGER_S="60"))
+    try:
+        assert pub.next(120)["blocks"]
+        receiver_gets_version_1(endpoint)
+        assert pub.wait(60) == 0, pub.stderr()
+    finally:
+        pub.kill()
+    assert blocks(endpoint) == set()
+
+
 def test_blocks_of_a_live_publisher_are_never_reclaimed(endpoint):
     pub = Proc(["-c", PUBLISHER, endpoint, "wait"])
     try:
@@ -120,13 +147,7 @@ def test_blocks_of_a_live_publisher_are_never_reclaimed(endpoint):
         assert not made & set(json.loads(gc.stdout)["removed"])
         assert blocks(endpoint) == made
         # Still usable: a receiver that joins now gets the version from those blocks.
-        got = run_python(["-c", "import sys, json\nfrom hotweights_trainer import SyncConfig, WeightReceiver\n"
-                          "seen = {}\n"
-                          "with WeightReceiver(sys.argv[1], apply=lambda items: seen.update(items), "
-                          "config=SyncConfig(timeout_s=30)) as rx:\n"
-                          "    print(json.dumps({'version': rx.wait_for_version(1), 'names': sorted(seen)}))",
-                          endpoint], timeout=120)
-        assert json.loads(got.stdout.splitlines()[-1]) == {"version": 1, "names": ["a", "b"]}
+        receiver_gets_version_1(endpoint)
         os.kill(pub.p.pid, signal.SIGUSR1)  # a normal exit, without close()
         assert pub.wait(60) == 0, pub.stderr()
     finally:
