@@ -108,6 +108,8 @@ def test_os_exit_blocks_are_reclaimed_by_coord_gc(endpoint):
     removed = json.loads(gc.stdout)["removed"]
     assert isinstance(removed, list)  # made's names are there unless a process started meanwhile got them
     assert blocks(endpoint) == set()
+    text = run_python(["-m", "hotweights_trainer", "coord", "gc"], timeout=120).stdout
+    assert "shared-memory block(s) of dead publishers removed" in text
 
 
 RECEIVER_GETS_VERSION = r"""
