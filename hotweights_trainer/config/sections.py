@@ -88,6 +88,12 @@ class ReceiversConfig(Section):
     at once. 30 s covers a receiver still importing torch and loading a small model, and a vLLM
     engine start (17-28 s measured for a tiny model on a 2-core CPU); raise it for slower starts."""
 
+    exit_linger_s: float = setting(0.0, min=0, unit="s")
+    """Seconds a publisher that was never closed lingers (as for linger_s) when the interpreter exits,
+    where it is closed for you so its shared memory is freed. 0 (default): close at once, so a script
+    that ends without ``close()`` exits promptly; raise it to let receivers still starting get the
+    last version."""
+
 
 @_section
 class DeltaSyncConfig(Section):
