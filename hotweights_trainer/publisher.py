@@ -35,11 +35,13 @@ waits, always with a deadline.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 from . import metrics, peft_sync
@@ -65,6 +67,21 @@ from .wire.packer import plan_buckets
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 10.0  # how often a long wait for receivers says where it stands
+
+_LIVE: "weakref.WeakSet[WeightPublisher]" = weakref.WeakSet()  # closed for you at interpreter exit
+
+
+def _close_live_publishers() -> None:
+    """A script that ends without ``close()`` (or a Trainer run with ``close_on_train_end=False``)
+    still frees its shared memory and tells its receivers; each close is bounded by the publisher's
+    ``exit_linger_s`` and ``timeout_s``."""
+    for pub in list(_LIVE):
+        try:
+            if pub.config.exit_linger_s > 0:
+                pub.config = pub.config.replace(linger_s=pub.config.exit_linger_s)
+            pub.close(linger=pub.config.exit_linger_s > 0)
+        except Exception as exc:  # noqa: BLE001 - at exit: log and go on closing the others
+            log.warning("closing the publisher on %s at exit failed: %s", pub.endpoint, exc)
 
 
 class WeightPublisher:
@@ -114,6 +131,11 @@ class WeightPublisher:
             if getattr(self, "_session", None) is not None:
                 self._session.close()
             raise
+        _LIVE.add(self)
+        # Registered again after this publisher's transport was imported: atexit runs handlers last in,
+        # first out, so the close runs while the transport's own exit hooks have not yet run.
+        atexit.unregister(_close_live_publishers)
+        atexit.register(_close_live_publishers)
         log.info("publisher on %s (transport %s, bucket %d MiB, coordinator %s, epoch %d)", self.endpoint,
                  self._tx.name, self.config.bucket_mb, self._session.backend, self._session.epoch)
 

@@ -74,7 +74,8 @@ from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportSta
 from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .endpoint import Endpoint
 from .meter import TransportMeter
-from .shm import _pid_alive, control_address
+from .shm import control_address
+from .shm_blocks import pid_alive
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class CudaIpcPublisher(ServedPublisher):
                 buf.exports.clear()
                 buf.tensor = None
             for _, pid, exports in self._orphans:
-                if not _pid_alive(pid):  # a live receiver releases its own references
+                if not pid_alive(pid):  # a live receiver releases its own references
                     for export in exports:
                         self._memory.release_export(export)
             self._orphans.clear()
@@ -355,7 +356,7 @@ class CudaIpcPublisher(ServedPublisher):
             flights = [(h, self._flights.pop(h.key)) for h in expired if h.key in self._flights]
             keep, dead = [], []
             for until, pid, exports in self._orphans:
-                if not _pid_alive(pid):
+                if not pid_alive(pid):
                     dead.extend(exports)
                 elif now < until:
                     keep.append((until, pid, exports))
