@@ -17,6 +17,7 @@ from hotweights_trainer.errors import CoordinatorError
 from hotweights_trainer.verify import weights_digest
 from tests.conftest import child_env, require, run_python
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
+from tests.procs import pause
 from tests.procs.spawn import Proc, write_spec
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
@@ -167,7 +168,7 @@ def test_receiver_killed_mid_version_and_a_frozen_one_are_evicted_the_rest_commi
                 assert r.next()["version"] == 2
             # A frozen receiver keeps its socket open but stops heartbeating: evicted after the TTL,
             # the version commits without it -- long before the 30 s staging deadline.
-            os.kill(frozen.p.pid, signal.SIGSTOP)
+            pause.stop(frozen.p.pid)
             t0 = time.monotonic()
             v3 = make_tensors(spec, 3)
             assert pub.publish(v3).receivers == 2

@@ -13,6 +13,7 @@ from hotweights_trainer import (CorruptBucketError, ManifestMismatchError, PeerL
                                 SyncTimeoutError, WeightPublisher, WeightReceiver)
 from hotweights_trainer.verify import weights_digest
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
+from tests.procs import pause
 from tests.procs.spawn import Proc, start_receiver, write_spec
 
 # Closing must not linger here (several tests close publishers whose receivers are gone or never came);
@@ -195,7 +196,7 @@ def test_stalled_receiver_gives_publisher_a_bounded_timeout(endpoint):
             rx.next()
             pub.wait_for_receivers(1)
             pub.publish(make_tensors(spec, 1))
-            os.kill(rx.p.pid, signal.SIGSTOP)
+            pause.stop(rx.p.pid)
             t0 = time.monotonic()
             # Bounded either way: the deadline passes (SyncTimeoutError) or the frozen receiver's
             # heartbeats lapse first and it is evicted from the quorum (the version commits without it).
