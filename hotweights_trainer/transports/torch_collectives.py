@@ -2,12 +2,13 @@
 
 Host buffers as uint8 tensors, one chunk's broadcast from rank 0 and completion callbacks that feed
 an :class:`~.delivery.EventPending`, the chunk stager through device memory for nccl/ccl groups,
-retiring a group, and the broadcast autotune every member runs with the same candidates.
+retiring a group (off the caller's thread), and the broadcast autotune every member runs with the same candidates.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Optional
 
@@ -83,12 +84,27 @@ class DeviceStager:
                 host[off:off + size].copy_(dev)
 
 
-def retire_pg(pg: Any) -> None:
-    """Abort a process group: pending work on it fails at once instead of waiting for its timeout."""
+def retire_group(group: Any) -> None:
+    """Abort ``group.pg`` and free it on a thread of its own; ``group.pg`` becomes None.
+
+    Abort makes new work on the group fail at once, but it does not cancel a receive already
+    waiting on a member that died: that one returns only at the group's timeout, and freeing a
+    gloo group joins the worker thread stuck in it. Freed where the last reference happened to
+    drop -- the control thread, on an ``ungroup`` or a lost member -- it held back every control
+    message after it (the abort, the next version's buckets, heartbeats) for up to ``timeout_s``,
+    and the publisher timed out on a healthy receiver. So the group's only reference moves to a
+    short-lived thread, which may block as long as it likes.
+    """
+    pg, group.pg = group.pg, None
+    if pg is None:
+        return
     try:
         pg.abort()
     except Exception as exc:  # noqa: BLE001 - best effort teardown; the group is unusable anyway
         log.debug("aborting a process group failed: %s", exc)
+    box = [pg]
+    del pg  # the thread's box now holds the only reference
+    threading.Thread(target=box.clear, name="hotweights-pg-free", daemon=True).start()
 
 
 def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[DeviceStager] = None) -> int:
@@ -123,4 +139,4 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-__all__ = ["DeviceStager", "broadcast", "host_tensor", "retire_pg", "run_autotune", "watch"]
+__all__ = ["DeviceStager", "broadcast", "host_tensor", "retire_group", "run_autotune", "watch"]

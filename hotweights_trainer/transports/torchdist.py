@@ -58,7 +58,7 @@ from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .torch_backends import device_for, local_backends, make_group, pick_backend, usable
-from .torch_collectives import DeviceStager, broadcast, host_tensor, retire_pg, run_autotune, watch
+from .torch_collectives import DeviceStager, broadcast, host_tensor, retire_group, run_autotune, watch
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class TorchPublisher(ServedPublisher):
             self._server.close()
             self._server = None
         for g in groups:
-            retire_pg(g.pg)
+            retire_group(g)
         if self._device_pool is not None:
             self._device_pool.shutdown(wait=False)
         self._pool.clear()
@@ -207,13 +207,16 @@ class TorchPublisher(ServedPublisher):
 
     def _start_broadcast(self, flight: _Flight, hbuf: HostBuffer, n: int) -> None:
         group = flight.group
+        pg = group.pg
+        if pg is None:
+            raise PeerLostError(f"broadcast group {group.epoch} was retired: {group.broken or 'membership changed'}")
         tensor = host_tensor(hbuf)
         parts = tcp.chunks(n, self._chunk)
         settle = lambda _p, f=flight: self._settle(f)  # noqa: E731 - runs on the backend's thread
         if group.stager is None:
             flight.pending = EventPending(len(parts), on_done=settle)
             for off, size in parts:
-                watch(broadcast(group.pg, tensor[off:off + size]), flight.pending)
+                watch(broadcast(pg, tensor[off:off + size]), flight.pending)
         else:  # pragma: no cover - device backends need a GPU/XPU
             flight.pending = EventPending(1, on_done=settle)
             if self._device_pool is None:
@@ -221,7 +224,7 @@ class TorchPublisher(ServedPublisher):
 
             def run(p: EventPending = flight.pending) -> None:
                 try:
-                    group.stager.run(group.pg, tensor, n, self._chunk, root=True)
+                    group.stager.run(pg, tensor, n, self._chunk, root=True)
                 except Exception as exc:  # noqa: BLE001 - becomes the flight's error
                     p.finish(exc)
                     return
@@ -348,7 +351,7 @@ class TorchPublisher(ServedPublisher):
 
     def _retire(self, group: _Group) -> None:
         self.send(group.rids, {"op": "tx", "kind": "ungroup", "epoch": group.epoch})
-        retire_pg(group.pg)
+        retire_group(group)
 
     # ---------------------------------------------------------------- control hooks
     def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
@@ -423,7 +426,7 @@ class TorchReceiver(ClientReceiver):
         if self._delivery is not None:
             self._delivery.close()
         for g in self._groups.values():
-            retire_pg(g.pg)
+            retire_group(g)
         self._groups.clear()
         self._store = None
 
@@ -439,7 +442,7 @@ class TorchReceiver(ClientReceiver):
                 elif kind == "ungroup":
                     g = self._groups.pop(tcp.field(msg, "epoch", int, minimum=0), None)
                     if g is not None:
-                        retire_pg(g.pg)
+                        retire_group(g)
                 return
             if op == "bucket":
                 self._recv_bucket(msg)
@@ -568,7 +571,7 @@ class TorchReceiver(ClientReceiver):
 
     def _on_lost(self, reason: str) -> None:
         for g in self._groups.values():
-            retire_pg(g.pg)
+            retire_group(g)
         self._groups.clear()
         self._store = None
         if self._delivery is not None:
