@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig, parse_int_list
-from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
+from ..errors import (ClosedError, EndpointError, PeerLostError, SyncTimeoutError,
                       TransportUnavailableError, WireFormatError)
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
@@ -115,7 +116,9 @@ class TorchPublisher(ServedPublisher):
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _check_endpoint(endpoint)
         _require_torch_distributed()
-        super().__init__(endpoint, config)
+        self._listener: Optional[socket.socket] = tcp.listen(endpoint)
+        super().__init__(tcp.bound(self._listener, endpoint), config)  # port 0: the one bound
+        endpoint = self.endpoint
         self._pool = HostBufferPool(config.bucket_bytes)
         self._gate = WindowGate(InflightWindow.from_config(config), timeout_s=config.timeout_s,
                                 name=f"torch {endpoint}")
@@ -138,7 +141,9 @@ class TorchPublisher(ServedPublisher):
     def start(self, handler: PublisherHandler) -> None:
         import torch.distributed as dist
 
-        sock = tcp.listen(self.endpoint)
+        sock, self._listener = self._listener, None
+        if sock is None:
+            raise ClosedError(f"torch transport on {self.endpoint} was closed before it started")
         store_host = self.endpoint.host if self.endpoint.host not in tcp.WILDCARDS else "0.0.0.0"
         try:
             self._store = dist.TCPStore(store_host, 0, None, True, datetime.timedelta(seconds=self.config.timeout_s),
@@ -160,6 +165,9 @@ class TorchPublisher(ServedPublisher):
             self._closed = True
             groups = list(self._groups.values())
             self._groups.clear()
+        if self._listener is not None:  # closed before start
+            self._listener.close()
+            self._listener = None
         if self._server is not None:
             self._server.close()
             self._server = None
