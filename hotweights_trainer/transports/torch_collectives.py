@@ -2,7 +2,8 @@
 
 Host buffers as uint8 tensors, one chunk's broadcast from rank 0 and completion callbacks that feed
 an :class:`~.delivery.EventPending`, the chunk stager through device memory for nccl/ccl groups,
-retiring a group (off the caller's thread), and the broadcast autotune every member runs with the same candidates.
+retiring a group (off the caller's thread), a group a receiver is still joining, and the broadcast
+autotune every member runs with the same candidates.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import tcp
 from .buffers import HostBuffer
@@ -84,6 +85,41 @@ class DeviceStager:
                 host[off:off + size].copy_(dev)
 
 
+class Forming:
+    """A broadcast group a receiver is still joining, on a thread of its own.
+
+    Joining waits in a rendezvous for every member; when one of them died after the publisher told
+    it, that wait lasts the whole store timeout. On the control thread it would hold back every
+    frame behind it -- buckets of other groups, aborts -- so the publisher's next version timed out
+    on a healthy receiver. Buckets of the group being joined wait here instead, in arrival order,
+    and start (or fail) when the joining thread calls :meth:`finish`.
+    """
+
+    def __init__(self, epoch: int, backend: str):
+        self.epoch = epoch
+        self.backend = backend
+        self.cancelled = False  # an ``ungroup`` arrived first: retire the group as soon as it forms
+        self._lock = threading.Lock()
+        self._waiting: list[Callable[[Any, Optional[BaseException]], None]] = []
+        self._done = False
+
+    def defer(self, start: Callable[[Any, Optional[BaseException]], None]) -> bool:
+        """Queue ``start(group, error)``; False when joining has finished (use the group directly)."""
+        with self._lock:
+            if self._done:
+                return False
+            self._waiting.append(start)
+            return True
+
+    def finish(self, group: Any, error: Optional[BaseException]) -> None:
+        """Joining ended (``group`` or ``error``): start what waited, in order."""
+        with self._lock:
+            self._done = True
+            waiting, self._waiting = self._waiting, []
+            for start in waiting:
+                start(group, error)
+
+
 def retire_group(group: Any) -> None:
     """Abort ``group.pg`` and free it on a thread of its own; ``group.pg`` becomes None.
 
@@ -139,4 +175,4 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-__all__ = ["DeviceStager", "broadcast", "host_tensor", "retire_group", "run_autotune", "watch"]
+__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune", "watch"]

@@ -17,6 +17,7 @@ import signal
 import sys
 
 from hotweights_trainer import SyncConfig, WeightReceiver
+from hotweights_trainer.transports import torchdist  # noqa: F401 - imported once here, not in every child
 
 from tests.procs.common import SpecModule, load_spec
 
