@@ -542,14 +542,15 @@ class TorchReceiver(ClientReceiver):
         with self._glock:
             if error is not None and store is not None and self._store is store:
                 self._store = None  # reconnect next time
-            if self._forming.get(epoch) is forming:
-                del self._forming[epoch]
             if group is not None and not forming.cancelled:
                 self._groups[epoch] = group
             elif group is not None:
                 retire_group(group)
                 group, error = None, PeerLostError(f"broadcast group {epoch} was retired while it formed")
         forming.finish(group, error)
+        with self._glock:  # only now: a bucket that finds no Forming must find every earlier one started
+            if self._forming.get(epoch) is forming:
+                del self._forming[epoch]
 
     def _recv_bucket(self, msg: dict[str, Any]) -> None:
         assert self._delivery is not None
