@@ -140,7 +140,33 @@ def retire_group(group: Any) -> None:
         log.debug("aborting a process group failed: %s", exc)
     box = [pg]
     del pg  # the thread's box now holds the only reference
-    threading.Thread(target=box.clear, name="hotweights-pg-free", daemon=True).start()
+    thread = threading.Thread(target=_free, args=(box,), name="hotweights-pg-free", daemon=True)
+    with _FREEING_LOCK:
+        _FREEING.add(thread)
+    thread.start()
+
+
+_FREEING: set[threading.Thread] = set()
+_FREEING_LOCK = threading.Lock()
+
+
+def _free(box: list[Any]) -> None:
+    box.clear()  # the last reference: may wait out a receive pending on a dead member
+    with _FREEING_LOCK:
+        _FREEING.discard(threading.current_thread())
+
+
+def wait_retired(timeout_s: float) -> None:
+    """Wait, up to ``timeout_s``, until every retired group is freed (transports call it on close).
+
+    A process must not exit while a group is still being freed on another thread: the C++ runtime
+    then aborts the process ("terminate called without an active exception").
+    """
+    deadline = time.monotonic() + timeout_s
+    with _FREEING_LOCK:
+        threads = list(_FREEING)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[DeviceStager] = None) -> int:
@@ -175,4 +201,4 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune", "watch"]
+__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune", "wait_retired", "watch"]

@@ -59,7 +59,8 @@ from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .torch_backends import device_for, local_backends, make_group, pick_backend, usable
-from .torch_collectives import DeviceStager, Forming, broadcast, host_tensor, retire_group, run_autotune, watch
+from .torch_collectives import (DeviceStager, Forming, broadcast, host_tensor, retire_group, run_autotune,
+                                wait_retired, watch)
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class TorchPublisher(ServedPublisher):
             self._server = None
         for g in groups:
             retire_group(g)
+        wait_retired(self.config.timeout_s)
         if self._device_pool is not None:
             self._device_pool.shutdown(wait=False)
         self._pool.clear()
@@ -409,6 +411,7 @@ class TorchReceiver(ClientReceiver):
         self._delivery: Optional[OrderedDelivery] = None
         self._groups: dict[int, _Group] = {}
         self._forming: dict[int, Forming] = {}
+        self._joins: list[threading.Thread] = []
         self._glock = threading.Lock()  # _groups, _forming and _store: the control and joining threads
         self._store: Any = None
         self._store_port: Optional[int] = None
@@ -445,6 +448,10 @@ class TorchReceiver(ClientReceiver):
         if self._delivery is not None:
             self._delivery.close()
         self._retire_all()
+        deadline = time.monotonic() + self.config.timeout_s
+        for thread in self._joins:  # a group still forming is retired when it forms; then freed
+            thread.join(max(0.0, deadline - time.monotonic()))
+        wait_retired(max(0.0, deadline - time.monotonic()))
 
     def _retire_all(self) -> None:
         with self._glock:
@@ -507,8 +514,10 @@ class TorchReceiver(ClientReceiver):
         forming = Forming(epoch, backend)
         with self._glock:
             self._forming[epoch] = forming
-        threading.Thread(target=self._join, args=(forming, rank, size, port, autotune),
-                         name=f"hotweights-group-{epoch}", daemon=True).start()
+        thread = threading.Thread(target=self._join, args=(forming, rank, size, port, autotune),
+                                  name=f"hotweights-group-{epoch}", daemon=True)
+        self._joins = [t for t in self._joins if t.is_alive()] + [thread]
+        thread.start()
 
     def _join(self, forming: Forming, rank: int, size: int, port: int, autotune: Optional[dict[str, Any]]) -> None:
         import torch.distributed as dist
