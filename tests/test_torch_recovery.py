@@ -56,7 +56,8 @@ def test_receiver_killed_mid_version_thirty_times():
                     outcomes["aborted"] += 1
                 version += 1
                 gone = victims.next(TIMEOUT)
-                assert gone == {"exited": pid, "signal": signal.SIGKILL}, f"round {r}: {gone}\n{victims.stderr()}"
+                assert gone == {"exited": pid, "signal": signal.SIGKILL}, \
+                    f"round {r}: {gone}\n{victims.stderr()}"
                 deadline = time.monotonic() + TIMEOUT
                 while len(pub.receivers) > 1 and time.monotonic() < deadline:
                     time.sleep(0.02)

@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig, SyncTimeoutError, WeightPublisher,
-                                WeightReceiver)
+from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig, SyncTimeoutError,
+                                WeightPublisher, WeightReceiver)
 from hotweights_trainer.control.status_socket import query_status
 from hotweights_trainer.transports import publisher_class
 from hotweights_trainer.verify import weights_digest
@@ -62,8 +62,8 @@ def _config(variant: str, **over) -> SyncConfig:
 
 def _receiver(variant: str, endpoint, spec_path: str, *, until: int, die_at: str | None = None) -> Proc:
     transport, binding, _ = VARIANTS[variant]
-    args = ["-m", "tests.procs.tx_receiver", "--endpoint", str(endpoint), "--transport", transport, "--ucx-backend",
-            binding, "--spec", spec_path, "--until", str(until), "--timeout", str(TIMEOUT)]
+    args = ["-m", "tests.procs.tx_receiver", "--endpoint", str(endpoint), "--transport", transport,
+            "--ucx-backend", binding, "--spec", spec_path, "--until", str(until), "--timeout", str(TIMEOUT)]
     if die_at:
         args += ["--die-at", die_at]
     return Proc(args)
@@ -297,8 +297,8 @@ def test_torch_transport_nccl_round_trip():
     spec_path, rx = write_spec(SPEC), None
     try:
         with WeightPublisher("tcp://127.0.0.1:0", config=_config("torch", torch_backend="nccl")) as pub:
-            rx = Proc(["-m", "tests.procs.tx_receiver", "--endpoint", str(pub.endpoint), "--transport", "torch",
-                       "--spec", spec_path, "--until", "1", "--timeout", str(TIMEOUT)],
+            rx = Proc(["-m", "tests.procs.tx_receiver", "--endpoint", str(pub.endpoint), "--transport",
+                       "torch", "--spec", spec_path, "--until", "1", "--timeout", str(TIMEOUT)],
                       env=child_env(CUDA_VISIBLE_DEVICES="1"))
             rx.next(TIMEOUT)
             pub.wait_for_receivers(1)

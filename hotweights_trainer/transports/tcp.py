@@ -90,4 +90,5 @@ def chunks(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(off, min(chunk, length - off)) for off in range(0, length, chunk)]
 
 
-__all__ = ["listen", "bound", "connect", "local_address", "field", "bucket_geometry", "chunks", "MAX_BUCKET_BYTES"]
+__all__ = ["listen", "bound", "connect", "local_address", "field", "bucket_geometry", "chunks",
+           "MAX_BUCKET_BYTES"]

@@ -225,7 +225,8 @@ class TorchPublisher(ServedPublisher):
         group = flight.group
         pg = group.pg
         if pg is None:
-            raise PeerLostError(f"broadcast group {group.epoch} was retired: {group.broken or 'membership changed'}")
+            raise PeerLostError(f"broadcast group {group.epoch} was retired: "
+                                f"{group.broken or 'membership changed'}")
         tensor = host_tensor(hbuf)
         parts = tcp.chunks(n, self._chunk)
         settle = lambda _p, f=flight: self._settle(f)  # noqa: E731 - runs on the backend's thread
@@ -325,7 +326,8 @@ class TorchPublisher(ServedPublisher):
             log.info("torch transport group %d uses %s: %s", epoch, backend, reason)
         gone = [rid for rid in key if self._server is None or rid not in self._server.receivers]
         if gone:  # told nobody yet: the others would wait in the rendezvous for the ones gone
-            raise PeerLostError(f"receiver(s) {', '.join(gone)} went away before broadcast group {epoch} formed")
+            raise PeerLostError(f"receiver(s) {', '.join(gone)} went away before broadcast group {epoch} "
+                                "formed")
         autotune = None if self._tuned else {"mb": self.config.bcast_autotune_mb,
                                              "chunks_mb": parse_int_list(self.config.bcast_autotune_chunks_mb)}
         for rank, rid in enumerate(key, start=1):
@@ -519,7 +521,8 @@ class TorchReceiver(ClientReceiver):
         self._joins = [t for t in self._joins if t.is_alive()] + [thread]
         thread.start()
 
-    def _join(self, forming: Forming, rank: int, size: int, port: int, autotune: Optional[dict[str, Any]]) -> None:
+    def _join(self, forming: Forming, rank: int, size: int, port: int,
+              autotune: Optional[dict[str, Any]]) -> None:
         import torch.distributed as dist
 
         epoch, backend = forming.epoch, forming.backend
