@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig, SyncTimeoutError,
-                                WeightPublisher, WeightReceiver)
+from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig,
+                                SyncTimeoutError, WeightPublisher, WeightReceiver)
 from hotweights_trainer.control.status_socket import query_status
 from hotweights_trainer.transports import publisher_class
 from hotweights_trainer.verify import weights_digest

@@ -38,7 +38,7 @@ def connectable(endpoint: Endpoint) -> Endpoint:
     """``endpoint``, unless it is a tcp:// endpoint with port 0, which only a publisher can take."""
     if endpoint.scheme == "tcp" and endpoint.port == 0:
         raise EndpointError(f"endpoint {endpoint}: port 0 asks a publisher to bind a free port; give "
-                            "receivers the port it bound (WeightPublisher.endpoint, or the publisher's status)")
+                            "receivers the port it bound (WeightPublisher.endpoint, or its status)")
     return endpoint
 
 

@@ -201,5 +201,5 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune", "wait_retired",
-           "watch"]
+__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune",
+           "wait_retired", "watch"]

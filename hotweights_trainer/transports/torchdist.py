@@ -498,7 +498,7 @@ class TorchReceiver(ClientReceiver):
         self._delivery.frame(msg)
 
     def _form(self, msg: dict[str, Any]) -> None:
-        """Check a ``tx/group`` message, then join the group on a thread of its own (see :class:`Forming`)."""
+        """Check a ``tx/group`` message, then join the group on a thread of its own (:class:`Forming`)."""
         epoch = tcp.field(msg, "epoch", int, minimum=0)
         rank = tcp.field(msg, "rank", int, minimum=1)
         size = tcp.field(msg, "size", int, minimum=2, maximum=1 << 20)
@@ -550,6 +550,9 @@ class TorchReceiver(ClientReceiver):
                     log.warning("broadcast autotune in group %d failed: %s", epoch, exc)
         except Exception as exc:  # noqa: BLE001 - the publisher sees the same failure and aborts; log ours
             log.warning("could not join broadcast group %d: %s", epoch, str(exc).splitlines()[0][:300])
+            if group is not None:
+                retire_group(group)
+                group = None
             error = PeerLostError(f"could not join broadcast group {epoch}: {str(exc).splitlines()[0][:300]}")
         with self._glock:
             if error is not None and store is not None and self._store is store:

@@ -99,8 +99,8 @@ class UcxPublisher(ServedPublisher):
         _check_endpoint(endpoint)
         self._listener: Optional[socket.socket] = tcp.listen(endpoint)
         try:
-            self._backend = create_backend(config,
-                                           prefer=None if config.ucx_backend == "auto" else config.ucx_backend)
+            prefer = None if config.ucx_backend == "auto" else config.ucx_backend
+            self._backend = create_backend(config, prefer=prefer)
         except BaseException:
             self._listener.close()
             raise
