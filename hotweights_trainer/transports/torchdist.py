@@ -33,6 +33,8 @@ Layout:
 Failures: a broadcast that fails (a member died or reset its connection) marks its group broken:
 the publisher tears it down on both sides, ``post`` raises :class:`PeerLostError` (the engine
 aborts the version) and the next version builds a new group from the receivers still connected.
+A receiver joins groups and frees retired ones off its control thread (both can wait out the
+group's timeout when a member died), so the frames of later versions keep flowing to survivors.
 Every wait is bounded by ``timeout_s`` (process-group timeout, store timeout, window deadline).
 """
 
