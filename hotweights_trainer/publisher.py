@@ -107,6 +107,9 @@ class WeightPublisher:
         # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
+        # tcp://HOST:0: the transport bound a free port; what is keyed by the endpoint uses the real one.
+        self.endpoint = self._tx.endpoint
+        self._ep = str(self.endpoint)
         self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
                                            endpoint_label=self._ep)
         # The status socket doubles as the "one publisher per endpoint on this host" check, before

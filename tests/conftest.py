@@ -1,4 +1,4 @@
-"""Shared test helpers: subprocess environment, free ports, unique endpoints, required extras.
+"""Shared test helpers: subprocess environment, ports for other programs, unique endpoints, required extras.
 
 ``HOTWEIGHTS_REQUIRE`` (a comma list, set in CI) turns a skip for a missing optional part into a
 failure, so CI can never go green by skipping the MPI, UCX, Redis, DeepSpeed or TRL tests.
@@ -70,6 +70,14 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago, for programs that must be told their port before they start
+    and cannot report one they picked: torchrun/accelerate/deepspeed rendezvous (--master_port),
+    redis-server, the Prometheus exporter (HOTWEIGHTS_METRICS_PORT=0 means "off"), a vLLM server --
+    or a port nobody listens on.
+
+    Never for a hotweights publisher or coordinator: those take ``tcp://HOST:0`` and report the port
+    they bound (``pub.endpoint``, ``CoordServer.port``), which cannot race another test for it.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, child_env, free_port, require, run_python
+from tests.conftest import ROOT, child_env, require, run_python
 from tests.procs.spawn import Proc
 
 
@@ -30,17 +30,22 @@ def test_doctor_reports_transports_and_the_auto_choice():
 
 
 def test_publish_and_receive_commands_over_torch():
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    rx = Proc(["-m", "hotweights_trainer", "receive", "--endpoint", endpoint, "--transport", "torch",
-               "--versions", "2", "--timeout", "30", "--json"])
+    pub = Proc(["-m", "hotweights_trainer", "publish", "--endpoint", "tcp://127.0.0.1:0", "--transport",
+                "torch", "--versions", "2", "--size-mb", "6", "--bucket-mb", "1", "--receivers", "1",
+                "--timeout", "30", "--json"])
+    rx = None
     try:
-        pub = _hotweights("publish", "--endpoint", endpoint, "--transport", "torch", "--versions", "2",
-                          "--size-mb", "6", "--bucket-mb", "1", "--receivers", "1", "--timeout", "30", "--json")
-        published = [json.loads(x) for x in pub.stdout.splitlines() if x.startswith("{")]
+        endpoint = pub.next(60)["endpoint"]  # the port it bound
+        assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":0")
+        rx = Proc(["-m", "hotweights_trainer", "receive", "--endpoint", endpoint, "--transport", "torch",
+                   "--versions", "2", "--timeout", "30", "--json"])
+        published = [pub.next(60), pub.next(60)]
         got = [rx.next(30), rx.next(30)]
-        assert rx.wait(30) == 0
+        assert rx.wait(30) == 0 and pub.wait(30) == 0
     finally:
-        rx.kill()
+        for p in (pub, rx):
+            if p is not None:
+                p.kill()
     assert [p["version"] for p in published] == [1, 2] and all(p["receivers"] == 1 for p in published)
     assert [g["digest"] for g in got] == [p["digest"] for p in published]
     assert published[0]["digest"] != published[1]["digest"] and published[0]["transport"] == "torch"

@@ -25,7 +25,7 @@ from hotweights_trainer.control.server import CoordServer
 from hotweights_trainer.control.session import FleetSession
 from hotweights_trainer.errors import AuthError, FencedError, NotLeaderError
 from hotweights_trainer.verify import weights_digest
-from tests.conftest import ROOT, child_env, free_port
+from tests.conftest import ROOT, child_env
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 
@@ -95,12 +95,12 @@ def tenures(log: str) -> list[dict]:
 class CoordServe:
     """``hotweights -vv coord serve`` in a child process; its log (the lease audit trail) goes to a file."""
 
-    def __init__(self, port: int, redis_url: str, log_path):
+    def __init__(self, redis_url: str, log_path):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.p = subprocess.Popen(
             [sys.executable, "-m", "hotweights_trainer", "-vv", "coord", "serve", "--store", "redis",
-             "--redis-url", redis_url, "--endpoint", f"tcp://127.0.0.1:{port}"],
+             "--redis-url", redis_url, "--endpoint", "tcp://127.0.0.1:0"],  # ready() says the port
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,
             env=child_env(HOTWEIGHTS_COORD_LEASE_MS="600", HOTWEIGHTS_COORD_TOKEN="fleet-secret"))
 
@@ -126,11 +126,9 @@ class CoordServe:
 
 
 def test_killing_the_leader_coordinator_hands_over_without_two_leaders(endpoint, redis_server, tmp_path):
-    ports = [free_port(), free_port()]
-    servers = [CoordServe(p, redis_server.url, tmp_path / f"coord{i}.log") for i, p in enumerate(ports)]
+    servers = [CoordServe(redis_server.url, tmp_path / f"coord{i}.log") for i in range(2)]
     try:
-        for s in servers:
-            assert "serving" in s.ready()
+        ports = [int(s.ready()["serving"].rsplit(":", 1)[1]) for s in servers]
         cfg = SyncConfig(coord_backend="tcp", coord_endpoint=",".join(f"tcp://127.0.0.1:{p}" for p in ports),
                          coord_token="fleet-secret", coord_lease_ms=600, timeout_s=15, bucket_mb=1)
         model = torch.nn.Linear(8, 8)
@@ -218,7 +216,7 @@ def test_coordinator_refuses_requests_without_the_token_and_counts_them():
     finally:
         server.close()
     with pytest.raises(ConfigError, match="non-loopback"):
-        CoordServer(f"tcp://0.0.0.0:{free_port()}", SyncConfig())
+        CoordServer("tcp://0.0.0.0:0", SyncConfig())
 
 
 def test_publisher_refuses_receivers_without_the_token(endpoint):
@@ -254,10 +252,10 @@ def test_handles_are_hmac_signed_and_a_wrong_key_rejects_the_version(endpoint):
 
 
 def test_coordinator_restart_with_redis_continues_numbering(endpoint, redis_server):
-    port = free_port()
-    cfg = SyncConfig(coord_backend="tcp", coord_endpoint=f"tcp://127.0.0.1:{port}",
-                     redis_url=redis_server.url, coord_lease_ms=600, timeout_s=10, bucket_mb=1)
-    server = CoordServer(f"tcp://127.0.0.1:{port}", cfg, redis_url=redis_server.url).start()
+    base = dict(redis_url=redis_server.url, coord_lease_ms=600, timeout_s=10, bucket_mb=1)
+    server = CoordServer("tcp://127.0.0.1:0", SyncConfig(**base), redis_url=redis_server.url).start()
+    port = server.port  # the restart below comes back on the same one
+    cfg = SyncConfig(**base, coord_backend="tcp", coord_endpoint=server.endpoint)
     src, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     try:
         with WeightPublisher(endpoint, config=cfg) as pub, \

@@ -13,11 +13,12 @@ import uuid
 
 import pytest
 
-from hotweights_trainer import (CorruptBucketError, PeerLostError, SyncConfig, SyncTimeoutError, WeightPublisher,
-                                WeightReceiver)
+from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig,
+                                SyncTimeoutError, WeightPublisher, WeightReceiver)
+from hotweights_trainer.control.status_socket import query_status
 from hotweights_trainer.transports import publisher_class
 from hotweights_trainer.verify import weights_digest
-from tests.conftest import child_env, free_port, require
+from tests.conftest import child_env, require
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, write_spec
 
@@ -45,9 +46,10 @@ def _transport(variant: str) -> str:
 
 
 def _endpoint(variant: str) -> str:
+    """Where the publisher listens; receivers take ``pub.endpoint`` (for tcp://, the port it bound)."""
     if _transport(variant) == "shm":
         return f"shm://c-{uuid.uuid4().hex[:10]}"
-    return f"tcp://127.0.0.1:{free_port()}"
+    return "tcp://127.0.0.1:0"
 
 
 def _config(variant: str, **over) -> SyncConfig:
@@ -58,10 +60,10 @@ def _config(variant: str, **over) -> SyncConfig:
     return SyncConfig(**base)
 
 
-def _receiver(variant: str, endpoint: str, spec_path: str, *, until: int, die_at: str | None = None) -> Proc:
+def _receiver(variant: str, endpoint, spec_path: str, *, until: int, die_at: str | None = None) -> Proc:
     transport, binding, _ = VARIANTS[variant]
-    args = ["-m", "tests.procs.tx_receiver", "--endpoint", endpoint, "--transport", transport, "--ucx-backend",
-            binding, "--spec", spec_path, "--until", str(until), "--timeout", str(TIMEOUT)]
+    args = ["-m", "tests.procs.tx_receiver", "--endpoint", str(endpoint), "--transport", transport,
+            "--ucx-backend", binding, "--spec", spec_path, "--until", str(until), "--timeout", str(TIMEOUT)]
     if die_at:
         args += ["--die-at", die_at]
     return Proc(args)
@@ -83,11 +85,11 @@ def _kill_all(*procs):
 
 
 def test_bit_exact_round_trip(variant):
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    rx = _receiver(variant, endpoint, spec_path, until=2)
+    spec_path, rx = write_spec(SPEC), None
     try:
-        assert rx.next(TIMEOUT)["ready"]
-        with WeightPublisher(endpoint, config=_config(variant)) as pub:
+        with WeightPublisher(_endpoint(variant), config=_config(variant)) as pub:
+            rx = _receiver(variant, pub.endpoint, spec_path, until=2)
+            assert rx.next(TIMEOUT)["ready"]
             assert pub.transport.name == _transport(variant)
             pub.wait_for_receivers(1)
             for v in (1, 2):
@@ -103,14 +105,15 @@ def test_bit_exact_round_trip(variant):
 
 
 def test_several_receivers(variant):
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    rxs = [_receiver(variant, endpoint, spec_path, until=2) for _ in range(2)]
+    spec_path, rxs = write_spec(SPEC), []
     local = SpecModule(SPEC)  # a third receiver, in this process
+    cfg = _config(variant)
     try:
-        for r in rxs:
-            assert r.next(TIMEOUT)["ready"]
-        cfg = _config(variant)
-        with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=local, config=cfg) as rx:
+        with WeightPublisher(_endpoint(variant), config=cfg) as pub, \
+                WeightReceiver(pub.endpoint, model=local, config=cfg) as rx:
+            rxs = [_receiver(variant, pub.endpoint, spec_path, until=2) for _ in range(2)]
+            for r in rxs:
+                assert r.next(TIMEOUT)["ready"]
             pub.wait_for_receivers(3)
             for v in (1, 2):
                 tensors = make_tensors(SPEC, 10 + v)
@@ -126,12 +129,12 @@ def test_ucx_py_binding_round_trip_to_several_receivers():
     """The asyncio binding ucx-py (ucp) uses, driven through ucxx's identical API."""
     require("ucx")
     variant = "ucx-async"
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    rxs = [_receiver(variant, endpoint, spec_path, until=2) for _ in range(2)]
+    spec_path, rxs = write_spec(SPEC), []
     try:
-        for r in rxs:
-            assert r.next(TIMEOUT)["ready"]
-        with WeightPublisher(endpoint, config=_config(variant)) as pub:
+        with WeightPublisher(_endpoint(variant), config=_config(variant)) as pub:
+            rxs = [_receiver(variant, pub.endpoint, spec_path, until=2) for _ in range(2)]
+            for r in rxs:
+                assert r.next(TIMEOUT)["ready"]
             assert pub.transport._backend.name == "ucxx-async"
             pub.wait_for_receivers(2)
             for v in (1, 2):
@@ -146,17 +149,16 @@ def test_ucx_py_binding_round_trip_to_several_receivers():
 def test_late_joiner_gets_the_current_version(variant):
     cls = publisher_class(_transport(variant))
     assert cls.late_join, cls.limits.get("late_join")
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    early = _receiver(variant, endpoint, spec_path, until=3)
-    late = None
+    spec_path, early, late = write_spec(SPEC), None, None
     try:
-        early.next(TIMEOUT)
-        with WeightPublisher(endpoint, config=_config(variant)) as pub:
+        with WeightPublisher(_endpoint(variant), config=_config(variant)) as pub:
+            early = _receiver(variant, pub.endpoint, spec_path, until=3)
+            early.next(TIMEOUT)
             pub.wait_for_receivers(1)
             for v in (1, 2):
                 pub.publish(make_tensors(SPEC, 20 + v))
             v2 = make_tensors(SPEC, 22)
-            late = _receiver(variant, endpoint, spec_path, until=3)
+            late = _receiver(variant, pub.endpoint, spec_path, until=3)
             late.next(TIMEOUT)
             # No new publish: the late joiner catches up on version 2 by itself.
             assert _next_version(late, 2)["digests"] == weights_digest(v2)
@@ -172,12 +174,12 @@ def test_late_joiner_gets_the_current_version(variant):
 def test_receiver_killed_mid_version_is_bounded(variant):
     cls = publisher_class(_transport(variant))
     assert cls.survives_receiver_death, cls.limits.get("survives_receiver_death")
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    survivor = _receiver(variant, endpoint, spec_path, until=3)
-    victim = _receiver(variant, endpoint, spec_path, until=3, die_at="2:2")
+    spec_path, survivor, victim = write_spec(SPEC), None, None
     try:
-        survivor.next(TIMEOUT), victim.next(TIMEOUT)
-        with WeightPublisher(endpoint, config=_config(variant)) as pub:
+        with WeightPublisher(_endpoint(variant), config=_config(variant)) as pub:
+            survivor = _receiver(variant, pub.endpoint, spec_path, until=3)
+            victim = _receiver(variant, pub.endpoint, spec_path, until=3, die_at="2:2")
+            survivor.next(TIMEOUT), victim.next(TIMEOUT)
             pub.wait_for_receivers(2)
             pub.publish(make_tensors(SPEC, 31))
             t0 = time.monotonic()
@@ -201,11 +203,11 @@ def test_receiver_killed_mid_version_is_bounded(variant):
 
 
 def test_corrupted_bucket_is_rejected(variant):
-    endpoint, spec_path = _endpoint(variant), write_spec(SPEC)
-    rx = _receiver(variant, endpoint, spec_path, until=3)
+    spec_path, rx = write_spec(SPEC), None
     try:
-        rx.next(TIMEOUT)
-        with WeightPublisher(endpoint, config=_config(variant)) as pub:
+        with WeightPublisher(_endpoint(variant), config=_config(variant)) as pub:
+            rx = _receiver(variant, pub.endpoint, spec_path, until=3)
+            rx.next(TIMEOUT)
             pub.wait_for_receivers(1)
             v1 = make_tensors(SPEC, 41)
             pub.publish(v1)
@@ -236,10 +238,10 @@ def test_inflight_cap_is_never_exceeded(variant, window, cap_buckets):
         pytest.skip(f"not applicable to {cls.name}: {cls.limits['pipelined']}")
     cap = int(cap_buckets * ((1 << 20) + 4096))
     cfg = _config(variant, ipc_inflight_buckets=window, ipc_inflight_bytes=cap)
-    endpoint = _endpoint(variant)
     spec = mixed_spec(n_small=4, big_elems=1_500_000)  # ~13 buckets of 1 MiB
     model = SpecModule(spec)
-    with WeightPublisher(endpoint, config=cfg) as pub, WeightReceiver(endpoint, model=model, config=cfg) as rx:
+    with WeightPublisher(_endpoint(variant), config=cfg) as pub, \
+            WeightReceiver(pub.endpoint, model=model, config=cfg) as rx:
         pub.wait_for_receivers(1)
         for v in (1, 2):
             tensors = make_tensors(spec, 50 + v)
@@ -255,6 +257,36 @@ def test_inflight_cap_is_never_exceeded(variant, window, cap_buckets):
     assert stats.inflight_buckets == 0 and stats.inflight_bytes == 0
 
 
+@pytest.mark.parametrize("variant", ["torch", "ucx"])
+def test_port_zero_binds_a_free_port_and_reports_it(variant):
+    if VARIANTS[variant][2]:
+        require(VARIANTS[variant][2])
+    cfg = _config(variant)
+    model, tensors = SpecModule(SPEC), make_tensors(SPEC, 80)
+    with WeightPublisher("tcp://127.0.0.1:0", config=cfg) as pub:
+        port = pub.endpoint.port
+        assert port > 0 and str(pub.endpoint) == f"tcp://127.0.0.1:{port}"
+        assert query_status(str(pub.endpoint), TIMEOUT)["publisher"]["endpoint"] == str(pub.endpoint)
+        with pytest.raises(EndpointError, match=f"port {port} is in use"):
+            WeightPublisher(str(pub.endpoint), config=cfg)  # the port really is this publisher's
+        with WeightReceiver(pub.endpoint, model=model, config=cfg) as rx:
+            pub.wait_for_receivers(1)
+            assert pub.publish(tensors).receivers == 1  # torch: the group's store is found from here too
+            rx.wait_for_version(1)
+    assert weights_digest(model) == weights_digest(tensors)
+
+
+@pytest.mark.parametrize("transport", ["torch", "ucx", "auto"])
+def test_receiver_given_port_zero_is_refused(transport):
+    with pytest.raises(EndpointError, match="port 0 asks a publisher to bind a free port"):
+        WeightReceiver("tcp://127.0.0.1:0", model=SpecModule(SPEC), config=SyncConfig(transport=transport))
+
+
+def test_port_zero_with_a_transport_that_binds_no_port_is_refused():
+    with pytest.raises(EndpointError, match="port 0 needs a transport that listens on TCP"):
+        WeightPublisher("tcp://127.0.0.1:0", config=SyncConfig(transport="auto"))
+
+
 @pytest.mark.gpu
 def test_torch_transport_nccl_round_trip():
     """The nccl group path (buckets staged through device memory); needs two CUDA devices."""
@@ -262,12 +294,13 @@ def test_torch_transport_nccl_round_trip():
 
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices (NCCL ranks must not share one)")
-    endpoint, spec_path = f"tcp://127.0.0.1:{free_port()}", write_spec(SPEC)
-    rx = Proc(["-m", "tests.procs.tx_receiver", "--endpoint", endpoint, "--transport", "torch", "--spec", spec_path,
-               "--until", "1", "--timeout", str(TIMEOUT)], env=child_env(CUDA_VISIBLE_DEVICES="1"))
+    spec_path, rx = write_spec(SPEC), None
     try:
-        rx.next(TIMEOUT)
-        with WeightPublisher(endpoint, config=_config("torch", torch_backend="nccl")) as pub:
+        with WeightPublisher("tcp://127.0.0.1:0", config=_config("torch", torch_backend="nccl")) as pub:
+            rx = Proc(["-m", "tests.procs.tx_receiver", "--endpoint", str(pub.endpoint), "--transport",
+                       "torch", "--spec", spec_path, "--until", "1", "--timeout", str(TIMEOUT)],
+                      env=child_env(CUDA_VISIBLE_DEVICES="1"))
+            rx.next(TIMEOUT)
             pub.wait_for_receivers(1)
             tensors = make_tensors(SPEC, 70)
             pub.publish(tensors)

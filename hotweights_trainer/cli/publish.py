@@ -4,7 +4,8 @@ Builds a state dict of ``--size-mb`` MB (a few float32/bfloat16/float16 tensors,
 bucket), waits for ``--receivers`` receivers, then publishes ``--versions`` versions, changing every
 tensor between versions. One line per version gives the receivers that committed it, MB, seconds,
 GB/s and the digest every receiver must report. Under ``mpirun`` run it on rank 0 with
-``--endpoint mpi://``.
+``--endpoint mpi://``. With ``tcp://HOST:0`` the publisher binds a free port, and the first line
+says which (``{"role": "publisher", "endpoint": ...}`` with ``--json``): give that to the receivers.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = config_from_args(args, bucket_mb=args.bucket_mb)
     with WeightPublisher(args.endpoint, config=cfg) as pub:
+        if str(pub.endpoint) != args.endpoint:  # port 0: receivers need the port that was bound
+            print(json.dumps({"role": "publisher", "endpoint": str(pub.endpoint)}) if args.json else
+                  f"publish: listening on {pub.endpoint}", flush=True)
         if args.receivers:
             pub.wait_for_receivers(args.receivers)
         for i in range(args.versions):

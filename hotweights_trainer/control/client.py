@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..errors import (ConfigError, CoordinatorError, EndpointError, NotLeaderError, PeerLostError,
                       SyncTimeoutError, WireFormatError)
-from ..transports.endpoint import parse_endpoint
+from ..transports.endpoint import connectable, parse_endpoint
 from ..wire import messages
 from . import rpc
 
@@ -31,7 +31,7 @@ def parse_endpoints(text: Optional[str]) -> list[tuple[str, int]]:
         raise ConfigError("coord_endpoint (HOTWEIGHTS_COORD_ENDPOINT) is required for coord_backend=tcp")
     out = []
     for part in text.split(","):
-        ep = parse_endpoint(part.strip())
+        ep = connectable(parse_endpoint(part.strip()))
         if ep.scheme != "tcp":
             raise EndpointError(f"coordinator endpoint {part.strip()!r} must be tcp://HOST:PORT")
         out.append((ep.host, ep.port))

@@ -10,9 +10,9 @@ import logging
 from typing import Any
 
 from ..config import SyncConfig
-from ..errors import ConfigError, TransportUnavailableError
+from ..errors import ConfigError, EndpointError, TransportUnavailableError
 from .base import PublisherTransport, ReceiverTransport
-from .endpoint import Endpoint, parse_endpoint
+from .endpoint import Endpoint, connectable, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ def _resolve(endpoint: Endpoint, config: SyncConfig, *, role: str) -> tuple[str,
 
         name = auto_select(endpoint, config, role=role)
         if name in ("shm", "cuda_ipc"):
+            if endpoint.scheme == "tcp" and endpoint.port == 0:
+                raise EndpointError(f"endpoint {endpoint}: port 0 needs a transport that listens on TCP, but "
+                                    f"auto-selection chose {name} for this host; set the transport (torch or "
+                                    "ucx), or use shm://NAME")
             endpoint = shm_endpoint_for(endpoint)  # a loopback tcp:// endpoint means "this host"
     if name not in REGISTRY:
         raise TransportUnavailableError(
@@ -84,7 +88,7 @@ def create_publisher_transport(endpoint: Endpoint, config: SyncConfig) -> Publis
 
 def create_receiver_transport(endpoint: Endpoint, config: SyncConfig) -> ReceiverTransport:
     _reclaim_dead_blocks()
-    name, endpoint = _resolve(endpoint, config, role="receiver")
+    name, endpoint = _resolve(connectable(endpoint), config, role="receiver")
     return _load(name, 1)(endpoint, config)
 
 

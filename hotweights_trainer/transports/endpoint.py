@@ -1,7 +1,8 @@
 """Endpoint strings: where publisher and receivers meet.
 
 - ``shm://NAME``       same host; shared memory for bytes, a local socket for control (the default)
-- ``tcp://HOST:PORT``  rendezvous for the cross-host transports (torch, ucx)
+- ``tcp://HOST:PORT``  rendezvous for the cross-host transports (torch, ucx); a publisher given
+  port 0 binds a free port and reports the endpoint with it (``WeightPublisher.endpoint``)
 - ``mpi://``           the MPI world this process was started in (rank 0 publishes)
 """
 
@@ -27,6 +28,19 @@ class Endpoint:
     def __str__(self) -> str:
         return self.raw
 
+    def with_port(self, port: int) -> "Endpoint":
+        """This tcp:// endpoint on ``port`` (the one a publisher bound for port 0)."""
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return Endpoint("tcp", f"tcp://{host}:{port}", host=self.host, port=port)
+
+
+def connectable(endpoint: Endpoint) -> Endpoint:
+    """``endpoint``, unless it is a tcp:// endpoint with port 0, which only a publisher can take."""
+    if endpoint.scheme == "tcp" and endpoint.port == 0:
+        raise EndpointError(f"endpoint {endpoint}: port 0 asks a publisher to bind a free port; give "
+                            "receivers the port it bound (WeightPublisher.endpoint, or its status)")
+    return endpoint
+
 
 def parse_endpoint(text: "str | Endpoint") -> Endpoint:
     if isinstance(text, Endpoint):
@@ -45,8 +59,9 @@ def parse_endpoint(text: "str | Endpoint") -> Endpoint:
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
         host = host.strip("[]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise EndpointError(f"endpoint {text!r}: expected tcp://HOST:PORT with a port in 1..65535")
+        if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise EndpointError(f"endpoint {text!r}: expected tcp://HOST:PORT with a port in 0..65535 "
+                                "(0: the publisher binds a free one)")
         return Endpoint("tcp", text, host=host, port=int(port))
     if scheme == "mpi":
         if rest not in ("", "world"):

@@ -1,7 +1,9 @@
 """TCP plumbing shared by the cross-host transports (torch, ucx): listen, connect, field checks.
 
 The publisher listens on the endpoint's ``tcp://HOST:PORT`` for the framed JSON control channel of
-:mod:`.control_channel`; receivers connect there. Transport-private control messages use the ``tx``
+:mod:`.control_channel`; receivers connect there. Port 0 binds a free port: the transport binds in
+its constructor, so the publisher knows the real endpoint before anything keyed by it (status
+socket, coordinator, metrics) starts. Transport-private control messages use the ``tx``
 op; :func:`field` validates each of their fields before anything trusts it.
 """
 
@@ -18,7 +20,8 @@ WILDCARDS = ("0.0.0.0", "::", "*")
 
 
 def listen(endpoint: Endpoint) -> socket.socket:
-    """A listening socket on the endpoint's host and port (EndpointError if it is taken)."""
+    """A listening socket on the endpoint's host and port (EndpointError if it is taken; port 0: a
+    free one, which ``bound(sock, endpoint)`` reports)."""
     host = "0.0.0.0" if endpoint.host == "*" else endpoint.host
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -33,6 +36,12 @@ def listen(endpoint: Endpoint) -> socket.socket:
         raise EndpointError(f"{endpoint}: cannot listen there: {exc}") from None
     sock.listen(128)
     return sock
+
+
+def bound(sock: socket.socket, endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` with the port ``sock`` is bound to (differs for port 0)."""
+    port = sock.getsockname()[1]
+    return endpoint if port == endpoint.port else endpoint.with_port(port)
 
 
 def connect(endpoint: Endpoint, timeout: float) -> socket.socket:
@@ -81,4 +90,5 @@ def chunks(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(off, min(chunk, length - off)) for off in range(0, length, chunk)]
 
 
-__all__ = ["listen", "connect", "local_address", "field", "bucket_geometry", "chunks", "MAX_BUCKET_BYTES"]
+__all__ = ["listen", "bound", "connect", "local_address", "field", "bucket_geometry", "chunks",
+           "MAX_BUCKET_BYTES"]

@@ -2,14 +2,16 @@
 
 Host buffers as uint8 tensors, one chunk's broadcast from rank 0 and completion callbacks that feed
 an :class:`~.delivery.EventPending`, the chunk stager through device memory for nccl/ccl groups,
-retiring a group, and the broadcast autotune every member runs with the same candidates.
+retiring a group (off the caller's thread), a group a receiver is still joining, and the broadcast
+autotune every member runs with the same candidates.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import tcp
 from .buffers import HostBuffer
@@ -83,12 +85,88 @@ class DeviceStager:
                 host[off:off + size].copy_(dev)
 
 
-def retire_pg(pg: Any) -> None:
-    """Abort a process group: pending work on it fails at once instead of waiting for its timeout."""
+class Forming:
+    """A broadcast group a receiver is still joining, on a thread of its own.
+
+    Joining waits in a rendezvous for every member; when one of them died after the publisher told
+    it, that wait lasts the whole store timeout. On the control thread it would hold back every
+    frame behind it -- buckets of other groups, aborts -- so the publisher's next version timed out
+    on a healthy receiver. Buckets of the group being joined wait here instead, in arrival order,
+    and start (or fail) when the joining thread calls :meth:`finish`.
+    """
+
+    def __init__(self, epoch: int, backend: str):
+        self.epoch = epoch
+        self.backend = backend
+        self.cancelled = False  # an ``ungroup`` arrived first: retire the group as soon as it forms
+        self._lock = threading.Lock()
+        self._waiting: list[Callable[[Any, Optional[BaseException]], None]] = []
+        self._done = False
+
+    def defer(self, start: Callable[[Any, Optional[BaseException]], None]) -> bool:
+        """Queue ``start(group, error)``; False when joining has finished (use the group directly)."""
+        with self._lock:
+            if self._done:
+                return False
+            self._waiting.append(start)
+            return True
+
+    def finish(self, group: Any, error: Optional[BaseException]) -> None:
+        """Joining ended (``group`` or ``error``): start what waited, in order."""
+        with self._lock:
+            self._done = True
+            waiting, self._waiting = self._waiting, []
+            for start in waiting:
+                start(group, error)
+
+
+def retire_group(group: Any) -> None:
+    """Abort ``group.pg`` and free it on a thread of its own; ``group.pg`` becomes None.
+
+    Abort makes new work on the group fail at once, but it does not cancel a receive already
+    waiting on a member that died: that one returns only at the group's timeout, and freeing a
+    gloo group joins the worker thread stuck in it. Freed where the last reference happened to
+    drop -- the control thread, on an ``ungroup`` or a lost member -- it held back every control
+    message after it (the abort, the next version's buckets, heartbeats) for up to ``timeout_s``,
+    and the publisher timed out on a healthy receiver. So the group's only reference moves to a
+    short-lived thread, which may block as long as it likes.
+    """
+    pg, group.pg = group.pg, None
+    if pg is None:
+        return
     try:
         pg.abort()
     except Exception as exc:  # noqa: BLE001 - best effort teardown; the group is unusable anyway
         log.debug("aborting a process group failed: %s", exc)
+    box = [pg]
+    del pg  # the thread's box now holds the only reference
+    thread = threading.Thread(target=_free, args=(box,), name="hotweights-pg-free", daemon=True)
+    with _FREEING_LOCK:
+        _FREEING.add(thread)
+    thread.start()
+
+
+_FREEING: set[threading.Thread] = set()
+_FREEING_LOCK = threading.Lock()
+
+
+def _free(box: list[Any]) -> None:
+    box.clear()  # the last reference: may wait out a receive pending on a dead member
+    with _FREEING_LOCK:
+        _FREEING.discard(threading.current_thread())
+
+
+def wait_retired(timeout_s: float) -> None:
+    """Wait, up to ``timeout_s``, until every retired group is freed (transports call it on close).
+
+    A process must not exit while a group is still being freed on another thread: the C++ runtime
+    then aborts the process ("terminate called without an active exception").
+    """
+    deadline = time.monotonic() + timeout_s
+    with _FREEING_LOCK:
+        threads = list(_FREEING)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[DeviceStager] = None) -> int:
@@ -123,4 +201,5 @@ def run_autotune(pg: Any, spec: dict[str, Any], *, root: bool, stager: Optional[
     return best
 
 
-__all__ = ["DeviceStager", "broadcast", "host_tensor", "retire_pg", "run_autotune", "watch"]
+__all__ = ["DeviceStager", "Forming", "broadcast", "host_tensor", "retire_group", "run_autotune",
+           "wait_retired", "watch"]

@@ -33,6 +33,8 @@ Layout:
 Failures: a broadcast that fails (a member died or reset its connection) marks its group broken:
 the publisher tears it down on both sides, ``post`` raises :class:`PeerLostError` (the engine
 aborts the version) and the next version builds a new group from the receivers still connected.
+A receiver joins groups and frees retired ones off its control thread (both can wait out the
+group's timeout when a member died), so the frames of later versions keep flowing to survivors.
 Every wait is bounded by ``timeout_s`` (process-group timeout, store timeout, window deadline).
 """
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig, parse_int_list
-from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
+from ..errors import (ClosedError, EndpointError, PeerLostError, SyncTimeoutError,
                       TransportUnavailableError, WireFormatError)
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
@@ -58,7 +61,8 @@ from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
 from .torch_backends import device_for, local_backends, make_group, pick_backend, usable
-from .torch_collectives import DeviceStager, broadcast, host_tensor, retire_pg, run_autotune, watch
+from .torch_collectives import (DeviceStager, Forming, broadcast, host_tensor, retire_group, run_autotune,
+                                wait_retired, watch)
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -115,7 +119,9 @@ class TorchPublisher(ServedPublisher):
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _check_endpoint(endpoint)
         _require_torch_distributed()
-        super().__init__(endpoint, config)
+        self._listener: Optional[socket.socket] = tcp.listen(endpoint)
+        super().__init__(tcp.bound(self._listener, endpoint), config)  # port 0: the one bound
+        endpoint = self.endpoint
         self._pool = HostBufferPool(config.bucket_bytes)
         self._gate = WindowGate(InflightWindow.from_config(config), timeout_s=config.timeout_s,
                                 name=f"torch {endpoint}")
@@ -138,7 +144,9 @@ class TorchPublisher(ServedPublisher):
     def start(self, handler: PublisherHandler) -> None:
         import torch.distributed as dist
 
-        sock = tcp.listen(self.endpoint)
+        sock, self._listener = self._listener, None
+        if sock is None:
+            raise ClosedError(f"torch transport on {self.endpoint} was closed before it started")
         store_host = self.endpoint.host if self.endpoint.host not in tcp.WILDCARDS else "0.0.0.0"
         try:
             self._store = dist.TCPStore(store_host, 0, None, True, datetime.timedelta(seconds=self.config.timeout_s),
@@ -160,11 +168,15 @@ class TorchPublisher(ServedPublisher):
             self._closed = True
             groups = list(self._groups.values())
             self._groups.clear()
+        if self._listener is not None:  # closed before start
+            self._listener.close()
+            self._listener = None
         if self._server is not None:
             self._server.close()
             self._server = None
         for g in groups:
-            retire_pg(g.pg)
+            retire_group(g)
+        wait_retired(self.config.timeout_s)
         if self._device_pool is not None:
             self._device_pool.shutdown(wait=False)
         self._pool.clear()
@@ -180,6 +192,12 @@ class TorchPublisher(ServedPublisher):
         if not to:
             return
         n = buf.length
+        with self._lock:
+            lost = self._lost_version
+        if lost is not None and lost[0] == version:
+            # This version already lost a broadcast: forming a new group for its remaining buckets
+            # would only ask the survivors to wait in a rendezvous for a member that is gone.
+            raise lost[1]
         group = self._group_for(to)
         self._gate.acquire(n)
         flight = _Flight(n, time.perf_counter(), EventPending(), group, buf.owner, version)
@@ -207,13 +225,17 @@ class TorchPublisher(ServedPublisher):
 
     def _start_broadcast(self, flight: _Flight, hbuf: HostBuffer, n: int) -> None:
         group = flight.group
+        pg = group.pg
+        if pg is None:
+            raise PeerLostError(f"broadcast group {group.epoch} was retired: "
+                                f"{group.broken or 'membership changed'}")
         tensor = host_tensor(hbuf)
         parts = tcp.chunks(n, self._chunk)
         settle = lambda _p, f=flight: self._settle(f)  # noqa: E731 - runs on the backend's thread
         if group.stager is None:
             flight.pending = EventPending(len(parts), on_done=settle)
             for off, size in parts:
-                watch(broadcast(group.pg, tensor[off:off + size]), flight.pending)
+                watch(broadcast(pg, tensor[off:off + size]), flight.pending)
         else:  # pragma: no cover - device backends need a GPU/XPU
             flight.pending = EventPending(1, on_done=settle)
             if self._device_pool is None:
@@ -221,7 +243,7 @@ class TorchPublisher(ServedPublisher):
 
             def run(p: EventPending = flight.pending) -> None:
                 try:
-                    group.stager.run(group.pg, tensor, n, self._chunk, root=True)
+                    group.stager.run(pg, tensor, n, self._chunk, root=True)
                 except Exception as exc:  # noqa: BLE001 - becomes the flight's error
                     p.finish(exc)
                     return
@@ -304,6 +326,10 @@ class TorchPublisher(ServedPublisher):
                                        {rid: self._caps.get(rid, ["gloo"]) for rid in key})
         if reason:
             log.info("torch transport group %d uses %s: %s", epoch, backend, reason)
+        gone = [rid for rid in key if self._server is None or rid not in self._server.receivers]
+        if gone:  # told nobody yet: the others would wait in the rendezvous for the ones gone
+            raise PeerLostError(f"receiver(s) {', '.join(gone)} went away before broadcast group {epoch} "
+                                "formed")
         autotune = None if self._tuned else {"mb": self.config.bcast_autotune_mb,
                                              "chunks_mb": parse_int_list(self.config.bcast_autotune_chunks_mb)}
         for rank, rid in enumerate(key, start=1):
@@ -348,7 +374,7 @@ class TorchPublisher(ServedPublisher):
 
     def _retire(self, group: _Group) -> None:
         self.send(group.rids, {"op": "tx", "kind": "ungroup", "epoch": group.epoch})
-        retire_pg(group.pg)
+        retire_group(group)
 
     # ---------------------------------------------------------------- control hooks (control thread)
     def admit(self, rid: str, hello: dict[str, Any]) -> bool:
@@ -388,6 +414,9 @@ class TorchReceiver(ClientReceiver):
         self._client: Optional[ControlClient] = None
         self._delivery: Optional[OrderedDelivery] = None
         self._groups: dict[int, _Group] = {}
+        self._forming: dict[int, Forming] = {}
+        self._joins: list[threading.Thread] = []
+        self._glock = threading.Lock()  # _groups, _forming and _store: the control and joining threads
         self._store: Any = None
         self._store_port: Optional[int] = None
         self._local_ip: Optional[str] = None
@@ -423,10 +452,22 @@ class TorchReceiver(ClientReceiver):
             self._client = None
         if self._delivery is not None:
             self._delivery.close()
-        for g in self._groups.values():
-            retire_pg(g.pg)
-        self._groups.clear()
-        self._store = None
+        self._retire_all()
+        deadline = time.monotonic() + self.config.timeout_s
+        for thread in self._joins:  # a group still forming is retired when it forms; then freed
+            thread.join(max(0.0, deadline - time.monotonic()))
+        wait_retired(max(0.0, deadline - time.monotonic()))
+
+    def _retire_all(self) -> None:
+        with self._glock:
+            groups = list(self._groups.values())
+            self._groups.clear()
+            for f in self._forming.values():
+                f.cancelled = True
+            self._forming.clear()
+            self._store = None
+        for g in groups:
+            retire_group(g)
 
     # ---------------------------------------------------------------- frames (control thread)
     def _on_frame(self, msg: dict[str, Any]) -> None:
@@ -438,9 +479,14 @@ class TorchReceiver(ClientReceiver):
                 if kind == "group":
                     self._form(msg)
                 elif kind == "ungroup":
-                    g = self._groups.pop(tcp.field(msg, "epoch", int, minimum=0), None)
+                    epoch = tcp.field(msg, "epoch", int, minimum=0)
+                    with self._glock:
+                        g = self._groups.pop(epoch, None)
+                        forming = self._forming.get(epoch)
+                        if forming is not None:
+                            forming.cancelled = True
                     if g is not None:
-                        retire_pg(g.pg)
+                        retire_group(g)
                 return
             if op == "bucket":
                 self._recv_bucket(msg)
@@ -455,8 +501,7 @@ class TorchReceiver(ClientReceiver):
         self._delivery.frame(msg)
 
     def _form(self, msg: dict[str, Any]) -> None:
-        import torch.distributed as dist
-
+        """Check a ``tx/group`` message, then join the group on a thread of its own (:class:`Forming`)."""
         epoch = tcp.field(msg, "epoch", int, minimum=0)
         rank = tcp.field(msg, "rank", int, minimum=1)
         size = tcp.field(msg, "size", int, minimum=2, maximum=1 << 20)
@@ -471,27 +516,59 @@ class TorchReceiver(ClientReceiver):
             if not (isinstance(chunks, list) and chunks and len(chunks) <= 64
                     and all(isinstance(c, int) and 0 < c <= 1 << 16 for c in chunks)):
                 raise WireFormatError("tx/group: autotune chunks_mb must be a short list of positive integers")
+        forming = Forming(epoch, backend)
+        with self._glock:
+            self._forming[epoch] = forming
+        thread = threading.Thread(target=self._join, args=(forming, rank, size, port, autotune),
+                                  name=f"hotweights-group-{epoch}", daemon=True)
+        self._joins = [t for t in self._joins if t.is_alive()] + [thread]
+        thread.start()
+
+    def _join(self, forming: Forming, rank: int, size: int, port: int,
+              autotune: Optional[dict[str, Any]]) -> None:
+        import torch.distributed as dist
+
+        epoch, backend = forming.epoch, forming.backend
+        group: Optional[_Group] = None
+        error: Optional[BaseException] = None
+        store = None
         try:
-            if self._store is None or self._store_port != port:
-                self._store = dist.TCPStore(self.endpoint.host, port, None, False,
-                                            datetime.timedelta(seconds=self.config.timeout_s))
-                self._store_port = port
-            pg = make_group(backend, dist.PrefixStore(f"hotweights/{epoch}/", self._store), rank, size,
+            with self._glock:
+                store = self._store if self._store_port == port else None
+            if store is None:  # connecting may wait for the store's timeout: not under the lock
+                store = dist.TCPStore(self.endpoint.host, port, None, False,
+                                      datetime.timedelta(seconds=self.config.timeout_s))
+                with self._glock:
+                    self._store, self._store_port = store, port
+            pg = make_group(backend, dist.PrefixStore(f"hotweights/{epoch}/", store), rank, size,
                             self.config.timeout_s, self._local_ip)
+            group = _Group(epoch, (), pg, backend)
+            if backend != "gloo":  # pragma: no cover - needs a GPU/XPU
+                group.stager = DeviceStager(device_for(backend), 32 << 20)
+            log.debug("joined %s broadcast group %d as rank %d of %d", backend, epoch, rank, size)
+            if autotune is not None:
+                try:
+                    run_autotune(pg, autotune, root=False, stager=group.stager)
+                except Exception as exc:  # noqa: BLE001 - a failed autotune breaks only this group
+                    log.warning("broadcast autotune in group %d failed: %s", epoch, exc)
         except Exception as exc:  # noqa: BLE001 - the publisher sees the same failure and aborts; log ours
             log.warning("could not join broadcast group %d: %s", epoch, str(exc).splitlines()[0][:300])
-            self._store = None
-            return
-        group = _Group(epoch, (), pg, backend)
-        if backend != "gloo":  # pragma: no cover - needs a GPU/XPU
-            group.stager = DeviceStager(device_for(backend), 32 << 20)
-        self._groups[epoch] = group
-        log.debug("joined %s broadcast group %d as rank %d of %d", backend, epoch, rank, size)
-        if autotune is not None:
-            try:
-                run_autotune(pg, autotune, root=False, stager=group.stager)
-            except Exception as exc:  # noqa: BLE001 - a failed autotune breaks only this group
-                log.warning("broadcast autotune in group %d failed: %s", epoch, exc)
+            if group is not None:
+                retire_group(group)
+                group = None
+            error = PeerLostError(f"could not join broadcast group {epoch}: {str(exc).splitlines()[0][:300]}")
+        with self._glock:
+            if error is not None and store is not None and self._store is store:
+                self._store = None  # reconnect next time
+            if group is not None and not forming.cancelled:
+                self._groups[epoch] = group
+            elif group is not None:
+                retire_group(group)
+                group, error = None, PeerLostError(f"broadcast group {epoch} was retired while it formed")
+        forming.finish(group, error)
+        with self._glock:  # only now: a bucket that finds no Forming must find every earlier one started
+            if self._forming.get(epoch) is forming:
+                del self._forming[epoch]
 
     def _recv_bucket(self, msg: dict[str, Any]) -> None:
         assert self._delivery is not None
@@ -500,41 +577,48 @@ class TorchReceiver(ClientReceiver):
         prefix, _, epoch_text = handle.partition(":")
         if prefix != "torch" or not epoch_text.isdigit():
             raise WireFormatError(f"bucket handle {handle!r} is not a torch group handle")
-        group = self._groups.get(int(epoch_text))
-        if group is None:
-            self._failed_bucket(msg, PeerLostError(f"bucket for broadcast group {epoch_text}, which this receiver "
+        epoch = int(epoch_text)
+        with self._glock:
+            group = self._groups.get(epoch)
+            forming = self._forming.get(epoch)
+        if group is None and forming is None:
+            self._failed_bucket(msg, PeerLostError(f"bucket for broadcast group {epoch}, which this receiver "
                                                    "is not in"))
             return
+        backend = group.backend if group is not None else forming.backend
         version, index = msg["version"], msg["index"]
         hbuf = self._pool.lend(version, length)
         tensor = host_tensor(hbuf)
         parts = tcp.chunks(length, chunk)
-        if group.stager is None:
-            pending = EventPending(len(parts))
+        data: Any = hbuf.mem[:length]
+        dev = None
+        if backend == "nccl":  # pragma: no cover - needs a GPU
+            dev = self._device_buffer(version, length)
+            data = self._device_bucket(dev, data)
+        pending = EventPending(len(parts) if backend == "gloo" else 1)
+
+        def start(g: Optional[_Group], error: Optional[BaseException]) -> None:
             try:
-                for off, size in parts:
-                    watch(broadcast(group.pg, tensor[off:off + size]), pending)
-            except Exception as exc:  # noqa: BLE001 - a dead group raises at once; fail this bucket
-                pending = EventPending(1)
-                pending.finish(exc)
-        else:  # pragma: no cover - device backends
-            pending = EventPending(1)
-            data = hbuf.mem[:length]
-            try:
-                if group.backend == "nccl":
-                    dev = self._device_buffer(version, length)
-                    group.stager.receive_into(group.pg, dev, tensor, length, chunk)
-                    data = self._device_bucket(dev, data)
-                else:
-                    group.stager.run(group.pg, tensor, length, chunk, root=False)
+                if error is not None or g is None or g.pg is None:
+                    raise error or PeerLostError(f"broadcast group {epoch} was retired")
+                if g.stager is None:
+                    for off, size in parts:
+                        watch(broadcast(g.pg, tensor[off:off + size]), pending)
+                    return
+                if dev is not None:  # pragma: no cover - device backends
+                    g.stager.receive_into(g.pg, dev, tensor, length, chunk)
+                else:  # pragma: no cover
+                    g.stager.run(g.pg, tensor, length, chunk, root=False)
                 pending.finish()
-            except Exception as exc:  # noqa: BLE001 - becomes the bucket's failure
+            except Exception as exc:  # noqa: BLE001 - a dead group raises at once; fail this bucket
                 pending.finish(exc)
-            hbuf.busy = lambda: not pending.done()
-            self._delivery.bucket(version, index, data, pending, on_abandon=lambda: self._pool.forget(hbuf))
-            return
+
         hbuf.busy = lambda: not pending.done()
-        self._delivery.bucket(version, index, hbuf.mem[:length], pending, on_abandon=lambda: self._pool.forget(hbuf))
+        self._delivery.bucket(version, index, data, pending, on_abandon=lambda: self._pool.forget(hbuf))
+        if forming is None or not forming.defer(start):
+            with self._glock:
+                group = self._groups.get(epoch)
+            start(group, None)
 
     def _device_buffer(self, version: int, length: int) -> Any:  # pragma: no cover - needs a GPU
         import torch
@@ -568,10 +652,7 @@ class TorchReceiver(ClientReceiver):
         self._delivery.bucket(version, index, memoryview(b""), pending)
 
     def _on_lost(self, reason: str) -> None:
-        for g in self._groups.values():
-            retire_pg(g.pg)
-        self._groups.clear()
-        self._store = None
+        self._retire_all()
         if self._delivery is not None:
             self._delivery.lost(reason)
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import EndpointError, PeerLostError, WireFormatError
+from ..errors import ClosedError, EndpointError, PeerLostError, WireFormatError
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBufferPool, ReceivePool, numpy_view
@@ -96,8 +97,15 @@ class UcxPublisher(ServedPublisher):
 
     def __init__(self, endpoint: Endpoint, config: SyncConfig):
         _check_endpoint(endpoint)
-        super().__init__(endpoint, config)
-        self._backend = create_backend(config, prefer=None if config.ucx_backend == "auto" else config.ucx_backend)
+        self._listener: Optional[socket.socket] = tcp.listen(endpoint)
+        try:
+            prefer = None if config.ucx_backend == "auto" else config.ucx_backend
+            self._backend = create_backend(config, prefer=prefer)
+        except BaseException:
+            self._listener.close()
+            raise
+        super().__init__(tcp.bound(self._listener, endpoint), config)  # port 0: the one bound
+        endpoint = self.endpoint
         self._pool = HostBufferPool(config.bucket_bytes)
         self._gate = WindowGate(InflightWindow.from_config(config), timeout_s=config.timeout_s,
                                 name=f"ucx {endpoint}")
@@ -112,7 +120,9 @@ class UcxPublisher(ServedPublisher):
         self._pump = threading.Thread(target=self._pump_run, name="hotweights-ucx-pump", daemon=True)
 
     def start(self, handler: PublisherHandler) -> None:
-        sock = tcp.listen(self.endpoint)
+        sock, self._listener = self._listener, None
+        if sock is None:
+            raise ClosedError(f"ucx transport on {self.endpoint} was closed before it started")
         self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=str(self.endpoint.port))
         self._pump.start()
@@ -127,10 +137,14 @@ class UcxPublisher(ServedPublisher):
                 return
             self._closed = True
             self._lock.notify_all()
+        if self._listener is not None:  # closed before start
+            self._listener.close()
+            self._listener = None
         if self._server is not None:
             self._server.close()
             self._server = None
-        self._pump.join(self.config.timeout_s)
+        if self._pump.is_alive():
+            self._pump.join(self.config.timeout_s)
         for peer in list(self._peers.values()):
             self._backend.close_endpoint(peer.ep)
         self._backend.close()  # stops the progress thread; only then may dead endpoints go

@@ -19,7 +19,6 @@ from hotweights_trainer.relay.node import HostRelay
 from hotweights_trainer.verify import combined_digest, weights_digest
 from hotweights_trainer.wire.bucket import decode_bucket, restamp
 from hotweights_trainer.wire.packer import pack_into, plan_buckets
-from tests.conftest import free_port
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
@@ -43,10 +42,9 @@ class _Store:
 @pytest.fixture
 def fleet():
     cfg = SyncConfig(transport="torch", timeout_s=20, bucket_mb=1)
-    up = f"tcp://127.0.0.1:{free_port()}"
     local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
-    pub = WeightPublisher(up, config=cfg)
-    relay = HostRelay(up, [local], config=cfg)
+    pub = WeightPublisher("tcp://127.0.0.1:0", config=cfg)
+    relay = HostRelay(str(pub.endpoint), [local], config=cfg)
     stop = threading.Event()
     runner = threading.Thread(target=relay.serve, args=(stop,), daemon=True)
     runner.start()
@@ -149,9 +147,10 @@ def test_relay_command_text_output_follows_a_publisher():
 
     from tests.conftest import ROOT, child_env
 
-    up = f"tcp://127.0.0.1:{free_port()}"
     local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
-    with WeightPublisher(up, config=SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)) as pub:
+    cfg = SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)
+    with WeightPublisher("tcp://127.0.0.1:0", config=cfg) as pub:
+        up = str(pub.endpoint)
         proc = subprocess.Popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local",
                                  local, "--transport", "torch", "--timeout", "30", "--versions", "1"],
                                 # no receiver ever joins the relay's local endpoint: do not linger for one

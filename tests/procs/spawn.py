@@ -14,9 +14,10 @@ from tests.conftest import ROOT, child_env
 
 
 class Proc:
-    def __init__(self, args: list[str], *, env: dict | None = None):
+    def __init__(self, args: list[str], *, env: dict | None = None, stdin: bool = False):
         self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env or child_env(), cwd=ROOT)
+                                  stdin=subprocess.PIPE if stdin else None, text=True, env=env or child_env(),
+                                  cwd=ROOT)
         self._q: queue.Queue = queue.Queue()
         self._err: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -37,6 +38,11 @@ class Proc:
         if item is None:
             raise AssertionError(f"process exited ({self.p.wait(5)}) early; stderr:\n{self.stderr()}")
         return item
+
+    def send(self, line: str) -> None:
+        """One line to the process's stdin (started with ``stdin=True``)."""
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
 
     def stderr(self) -> str:
         return "".join(self._err)[-5000:]
