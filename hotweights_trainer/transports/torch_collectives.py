@@ -141,9 +141,9 @@ def retire_group(group: Any) -> None:
     box = [pg]
     del pg  # the thread's box now holds the only reference
     thread = threading.Thread(target=_free, args=(box,), name="hotweights-pg-free", daemon=True)
-    with _FREEING_LOCK:
+    with _FREEING_LOCK:  # started under the lock, so wait_retired never joins a thread not yet started
         _FREEING.add(thread)
-    thread.start()
+        thread.start()
 
 
 _FREEING: set[threading.Thread] = set()

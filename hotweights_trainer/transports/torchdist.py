@@ -521,8 +521,8 @@ class TorchReceiver(ClientReceiver):
             self._forming[epoch] = forming
         thread = threading.Thread(target=self._join, args=(forming, rank, size, port, autotune),
                                   name=f"hotweights-group-{epoch}", daemon=True)
+        thread.start()  # before close() can see it: joining a thread not yet started raises
         self._joins = [t for t in self._joins if t.is_alive()] + [thread]
-        thread.start()
 
     def _join(self, forming: Forming, rank: int, size: int, port: int,
               autotune: Optional[dict[str, Any]]) -> None:
