@@ -2,8 +2,8 @@
 
 Host buffers as uint8 tensors, one chunk's broadcast from rank 0 and completion callbacks that feed
 an :class:`~.delivery.EventPending`, the chunk stager through device memory for nccl/ccl groups,
-retiring a group (off the caller's thread), a group a receiver is still joining, and the broadcast
-autotune every member runs with the same candidates.
+retiring a group (off the caller's thread), a group a receiver is still joining, the broadcast
+autotune every member runs with the same candidates, and the checks both sides start with.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..errors import EndpointError, TransportUnavailableError
 from . import tcp
 from .buffers import HostBuffer
 from .delivery import EventPending
+from .endpoint import Endpoint
 
 log = logging.getLogger("hotweights_trainer.transports.torchdist")
 
@@ -83,6 +86,30 @@ class DeviceStager:
             broadcast(pg, dev).wait()
             if not root:
                 host[off:off + size].copy_(dev)
+
+
+def require_torch_distributed() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise TransportUnavailableError("the torch transport needs torch.distributed, which this torch build lacks")
+
+
+def check_endpoint(endpoint: Endpoint) -> None:
+    if endpoint.scheme != "tcp":
+        raise EndpointError(f"the torch transport needs a tcp://HOST:PORT endpoint, got {endpoint}")
+
+
+@dataclass
+class BroadcastGroup:
+    """One broadcast group: the publisher (rank 0) and exactly the receivers ``rids``, for one epoch."""
+
+    epoch: int
+    rids: tuple[str, ...]
+    pg: Any
+    backend: str
+    broken: Optional[str] = None
+    stager: Optional[DeviceStager] = None
 
 
 class Forming:
