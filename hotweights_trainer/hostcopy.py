@@ -51,6 +51,8 @@ class HashedWriter:
     """
 
     def __init__(self, buf: memoryview, start: int):
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")  # offsets below are byte offsets
         self._buf = buf
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # writable buffers only
         self._pos = start
