@@ -42,6 +42,27 @@ def test_round_trip_and_split():
     assert torch.equal(seen["b"][0][1], tensors["b"])
 
 
+def test_packed_bytes_do_not_depend_on_the_buffer_or_the_copy_path():
+    """Fused copy+hash packing: the checksum covers exactly the bytes in the bucket (padding zeroed even
+    in a reused, dirty buffer), whichever path wrote each entry (memmove, a cast, a strided gather)."""
+    big = torch.randn(300_000)  # larger than a few copy chunks, split over buckets
+    tensors = {"big": big, "odd": torch.arange(37, dtype=torch.int16), "t": torch.randn(64, 48).t(),
+               "h": torch.randn(1000, dtype=torch.float16)}
+    for send_dtype in (None, torch.bfloat16):
+        plans = list(plan_buckets(tensors.items(), 1 << 19, send_dtype))
+        for i, plan in enumerate(plans):
+            clean, dirty = bytearray(plan.total_len), bytearray(b"\xa5" * (plan.total_len + 4096))
+            n = pack_into(memoryview(clean), plan, version=3, index=i, session=1)
+            m = pack_into(memoryview(dirty), plan, version=3, index=i, session=1)
+            assert n == m == plan.total_len and bytes(clean) == bytes(dirty[:n])
+            h = decode_bucket(memoryview(clean))  # payload checksum matches the bytes written
+            for e in h.entries:
+                got = torch.frombuffer(clean, dtype=torch.uint8, count=e.payload_nbytes,
+                                       offset=h.header_len + e.payload_off).view(e.dtype)
+                want = tensors[e.name].reshape(-1)[e.elem_start:e.elem_start + e.elem_count]
+                assert torch.equal(got, want.to(e.dtype))
+
+
 def test_payload_corruption_detected():
     raw = bytearray(_pack({"w": torch.randn(1000)})[0])
     raw[-10] ^= 1

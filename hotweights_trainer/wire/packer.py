@@ -3,7 +3,7 @@
 The planner groups tensors into buckets of at most ``bucket_bytes`` of payload and splits tensors
 that are larger than one bucket into element ranges, so any model moves in a handful of large
 transfers. Packing copies (and, with ``send_dtype``, casts) each tensor straight into the transport's
-buffer: one pass over the bytes, no intermediate copy.
+buffer and checksums each chunk right after copying it: one pass over the bytes, no intermediate copy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from ..source import FLUSH
-from .bucket import ALIGN, ENC_DENSE, Entry, header_size, layout_payload, seal, write_header
+from ..hostcopy import HashedWriter
+from .bucket import ALIGN, ENC_DENSE, Entry, header_size, layout_payload, seal_header, write_header
 from .dtypes import dtype_code, itemsize
 
 
@@ -103,21 +104,37 @@ def plan_buckets(items: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
 
 def pack_into(buf: memoryview, plan: PlannedBucket, *, version: int, index: int, session: int,
               flags: int = 0) -> int:
-    """Write header and payload of ``plan`` into ``buf`` and seal it; returns the bucket length."""
+    """Write header and payload of ``plan`` into ``buf`` and seal it; returns the bucket length.
+
+    The payload is written front to back, alignment padding zeroed, and hashed as it is written
+    (:class:`~hotweights_trainer.hostcopy.HashedWriter`): one pass over the bytes instead of a copy
+    followed by a second, from-memory pass for the checksum. Entries that need a cast, a device
+    copy or a gather of a strided tensor go through torch and are hashed right after.
+    """
     hlen = write_header(buf, version=version, index=index, session=session, entries=plan.entries,
                         payload_len=plan.payload_len, flags=flags)
+    out = HashedWriter(buf, hlen)
     for entry, src in zip(plan.entries, plan.sources):
+        out.zero_to(hlen + entry.payload_off)
         if entry.elem_count == 0 or entry.payload_nbytes == 0:
             continue
+        if entry.encoding == ENC_DENSE and src.dtype == entry.dtype:
+            isz = itemsize(entry.dtype)
+            skip = 0 if plan.presliced else entry.elem_start * isz
+            if out.copy_from(src, skip, entry.payload_nbytes):
+                continue
         dst = torch.frombuffer(buf, dtype=torch.uint8, count=entry.payload_nbytes,
                                offset=hlen + entry.payload_off)
         if entry.encoding != ENC_DENSE:
             dst.copy_(src.reshape(-1))  # an encoded payload, already bytes
-            continue
-        dst = dst.view(entry.dtype)
-        flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
-        dst.copy_(flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
-    seal(buf[:hlen + plan.payload_len])
+        else:
+            dst = dst.view(entry.dtype)
+            flat = src.reshape(-1) if src.is_contiguous() else src.contiguous().reshape(-1)
+            dst.copy_(flat if plan.presliced else flat[entry.elem_start:entry.elem_start + entry.elem_count])
+        del dst
+        out.hash_written(entry.payload_nbytes)
+    out.zero_to(hlen + plan.payload_len)
+    seal_header(buf, out.digest())
     return hlen + plan.payload_len
 
 
