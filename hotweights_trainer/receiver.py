@@ -30,9 +30,10 @@ from .errors import (AuthError, ClosedError, EngineError, HotweightsError, Manif
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
 from .peft_sync import adapter_targets, has_peft_layers, receiver_problem
-from .staging import StagedVersion, apply_to_targets, build_targets, make_resolver, required_groups
+from .receive.apply import apply_to_targets, make_resolver
+from .receive.staging import StagedVersion, build_targets, required_groups
 from .transports import create_receiver_transport, parse_endpoint
-from .gpu.bucket import decode_received
+from .receive.device_bucket import decode_received
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,18 @@ from hypothesis import strategies as st
 from hotweights_trainer import ConfigError, CorruptBucketError, SyncConfig, WireFormatError, metrics
 from hotweights_trainer.gpu import autotune
 from hotweights_trainer.gpu.autotune import MB, MicroRow, heuristic, pick_best
-from hotweights_trainer.gpu.bucket import DeviceBucket, decode_received
+from hotweights_trainer.receive.device_bucket import DeviceBucket, decode_received
 from hotweights_trainer.gpu.checksum import (ROW_BYTES, DigestAccumulator, payload_digest, reference_digest,
                                              row_weight)
 from hotweights_trainer.gpu.chunks import plan_pieces, stream_loads
 from hotweights_trainer.gpu.congestion import CongestionRisk, pressure
 from hotweights_trainer.gpu.memory import _field, _hex
 from hotweights_trainer.gpu.pool import DevicePool, StagedPool
-from hotweights_trainer.gpu.scatter import DeviceScatter, apply_device
+from hotweights_trainer.gpu.scatter import DeviceScatter
+from hotweights_trainer.receive.apply import apply_device
 from hotweights_trainer.gpu.topology import PathUsage, from_matrices, probe
-from hotweights_trainer.staging import StagedVersion, apply_to_targets, build_targets, make_resolver
+from hotweights_trainer.receive.apply import apply_to_targets, make_resolver
+from hotweights_trainer.receive.staging import StagedVersion, build_targets
 from hotweights_trainer.wire.bucket import FLAG_DEVICE, decode_bucket, seal_header, write_header
 from hotweights_trainer.wire.packer import pack_into, plan_buckets
 

@@ -18,13 +18,13 @@ import torch
 from .. import metrics
 from ..config import SyncConfig
 from ..errors import HotweightsError, WireFormatError
-from ..staging import StagedVersion
+from ..receive.staging import StagedVersion
 from ..transports.base import PublisherTransport
 from ..wire.bucket import FLAG_RESYNC, BucketHeader
 from ..wire.packer import PlannedBucket
 from .encoder import DeltaEncoder, DeltaStats
 from .resync import ResyncServer
-from .shadow import ShadowStore
+from ..receive.shadow import ShadowStore
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ that involve the host, pieces simply run one after another.
 The same class serves the CUDA-IPC receivers (pulling a bucket into a staged buffer;
 ``HOTWEIGHTS_IPC_COPY_*``), and applying a staged device version into the model on every device
 path (``HOTWEIGHTS_IPC_COPY_*`` for CUDA IPC, ``HOTWEIGHTS_GPU_COPY_*`` for the broadcast path):
-:func:`apply_device`.
+:func:`hotweights_trainer.receive.apply.apply_device`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -150,47 +150,8 @@ def _copy_batched(pairs, stream) -> None:  # pragma: no cover - needs a CUDA dev
             foreach([d for d, _ in small], [s for _, s in small], non_blocking=True)
 
 
-def _byte_view(t: torch.Tensor) -> torch.Tensor:
+def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def apply_device(staged: Any, resolve: Callable[[str], tuple[Optional[str], Any]]) -> int:
-    """Copy every entry of a complete version staged in device buckets into the model, in place.
-
-    One :class:`DeviceScatter` call for all contiguous targets (chunked over its streams); targets
-    that are not contiguous are assembled on the bucket's device first and copied once. Returns once
-    every copy is complete, so the staged buffers may be released right after. Returns bytes copied.
-    """
-    from .bucket import DeviceBucket
-
-    scatter: Optional[DeviceScatter] = None
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    deferred: dict[str, torch.Tensor] = {}
-    copied = 0
-    with torch.no_grad():
-        for header, data, e in staged.entries():
-            _, target = resolve(e.name)
-            if target is None or e.elem_count == 0:
-                continue
-            if isinstance(data, DeviceBucket) and scatter is None:
-                scatter = data.scatter
-            src = staged.entry_tensor(header, data, e)
-            dst = target.data
-            if dst.is_contiguous():
-                pairs.append((_byte_view(dst.view(-1)[e.elem_start:e.elem_start + e.elem_count]), _byte_view(src)))
-            else:
-                flat = deferred.setdefault(e.name, torch.empty(e.numel, dtype=e.dtype, device=src.device))
-                flat[e.elem_start:e.elem_start + e.elem_count].copy_(src)
-            copied += e.payload_nbytes
-        if scatter is None:
-            scatter = DeviceScatter(16 << 20, 1)
-        scatter.copy(pairs, sync=True)
-        for name, flat in deferred.items():
-            _, target = resolve(name)
-            target.data.copy_(flat.view(target.shape))
-        if deferred and any(t.is_cuda for t in deferred.values()):  # pragma: no cover - needs a CUDA device
-            torch.cuda.synchronize()
-    return copied
-
-
-__all__ = ["DeviceScatter", "apply_device", "SMALL_PIECE"]
+__all__ = ["DeviceScatter", "SMALL_PIECE", "byte_view"]

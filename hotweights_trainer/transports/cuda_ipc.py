@@ -20,7 +20,7 @@ Data path, per bucket:
    key. The ack ends that receiver's hold; the last ack releases the handle and frees its slot of
    the in-flight window. The engine then verifies the header and compares the digests; the version
    goes through the usual two-phase commit, and applying it is a device-side scatter
-   (:func:`hotweights_trainer.gpu.scatter.apply_device`).
+   (:func:`hotweights_trainer.receive.apply.apply_device`).
 
 Why receivers copy instead of reading the publisher's buffer in place: a staged version must survive
 its publisher. Reading another process's CUDA IPC memory after that process died is undefined
@@ -62,7 +62,7 @@ from ..config import SyncConfig
 from ..control.handles import HandleTable, sign_handle, verify_handle
 from ..errors import EndpointError, HotweightsError, WireFormatError
 from ..gpu import autotune
-from ..gpu.bucket import DeviceBucket
+from ..receive.device_bucket import DeviceBucket
 from ..gpu.checksum import DigestAccumulator
 from ..gpu.memory import IpcMemory, default_memory
 from ..gpu.pool import DeviceBuffer, DevicePool, StagedPool

@@ -259,7 +259,7 @@ class TorchReceiver(ClientReceiver):
 
     def _device_bucket(self, dev: Any, host: memoryview) -> Any:  # pragma: no cover - needs a GPU
         from ..gpu import autotune
-        from ..gpu.bucket import DeviceBucket
+        from ..receive.device_bucket import DeviceBucket
         from ..gpu.scatter import DeviceScatter
         from ..gpu.topology import PathUsage
 

@@ -28,7 +28,7 @@ import torch
 
 from ...errors import HotweightsError, SyncTimeoutError, VersionAbortedError
 from ...receiver import WeightReceiver
-from ...staging import StagedVersion
+from ...receive.staging import StagedVersion
 
 log = logging.getLogger(__name__)
 

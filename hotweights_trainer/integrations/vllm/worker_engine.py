@@ -47,7 +47,7 @@ import torch
 
 from ...errors import ConfigError, HotweightsError, InferenceUpdateError
 from ...receiver import WeightReceiver
-from ...staging import StagedVersion
+from ...receive.staging import StagedVersion
 from .agreement import RankGroup, agree_and_take
 from .lora import KEEP, adapter_reference, check_engine, write_adapter
 from .manifest import checkpoint_model

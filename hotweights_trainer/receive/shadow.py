@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from ..errors import CorruptBucketError, WireFormatError
-from ..staging import StagedVersion, payload_tensor
+from .staging import StagedVersion, payload_tensor
 from ..wire import delta as codec
 from ..wire.bucket import ENC_DELTA, ENC_DENSE, BucketHeader
-from .encoder import RangeKey, bits_of, copy_range, xxh3_of
+from ..delta.encoder import RangeKey, bits_of, copy_range, xxh3_of
 
 log = logging.getLogger(__name__)
 

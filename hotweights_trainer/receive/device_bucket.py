@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CorruptBucketError, WireFormatError
 from ..wire.bucket import FLAG_DEVICE, BucketHeader, Entry, decode_bucket, decode_header
-from .checksum import payload_digest
+from ..gpu.checksum import payload_digest
 
 
 class DeviceBucket:

@@ -1,8 +1,9 @@
-"""Receiver-side staging: verify buckets, check them against the model, then apply a whole version.
+"""Receiver-side staging: verify buckets and check them against the model, until a version is whole.
 
 A :class:`StagedVersion` collects the verified buckets of one version. It is complete only when
 ``end`` arrived, every bucket index is present, every tensor is covered exactly once and the manifest
-digest matches the publisher's. Nothing touches the model until then.
+digest matches the publisher's. Nothing touches the model until then (:mod:`.apply` does, once it is
+committed).
 """
 
 from __future__ import annotations
@@ -10,17 +11,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .gpu.bucket import DeviceBucket
-from .errors import ManifestMismatchError, WireFormatError
-from .naming import NameMap, map_name, strip_wrappers
-from .source import unwrap_model
-from .wire.bucket import ENC_DENSE, BucketHeader, Entry
-from .wire.dtypes import dtype_name
-from .wire.manifest import ManifestBuilder
+from .device_bucket import DeviceBucket
+from ..errors import ManifestMismatchError, WireFormatError
+from ..naming import strip_wrappers
+from ..source import unwrap_model
+from ..wire.bucket import ENC_DENSE, BucketHeader, Entry
+from ..wire.dtypes import dtype_name
+from ..wire.manifest import ManifestBuilder
 
 
 def build_targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -166,46 +167,3 @@ class StagedVersion:
                 yield e.name, buf.view(e.shape)
             else:
                 partial[e.name] = (buf, done)
-
-
-def apply_to_targets(staged: StagedVersion, resolve: Callable[[str], tuple[Optional[str], Any]]) -> int:
-    """Copy every entry of a complete version into the model tensors in place; returns bytes copied."""
-    if any(isinstance(data, DeviceBucket) for _, data in staged.buckets.values()):
-        from .gpu.scatter import apply_device
-
-        return apply_device(staged, resolve)  # chunked device-side scatter over several streams
-    copied = 0
-    deferred: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for header, data, e in staged.entries():
-            _, target = resolve(e.name)
-            if target is None or e.elem_count == 0:
-                continue
-            dst = target.data
-            src = staged.entry_tensor(header, data, e)
-            if dst.is_contiguous():
-                dst.view(-1)[e.elem_start:e.elem_start + e.elem_count].copy_(src)
-            else:
-                # Rare (e.g. a transposed buffer): assemble, then one strided copy.
-                flat = deferred.setdefault(e.name, torch.empty(e.numel, dtype=e.dtype))
-                flat[e.elem_start:e.elem_start + e.elem_count].copy_(src)
-            copied += e.payload_nbytes
-        for name, flat in deferred.items():
-            _, target = resolve(name)
-            target.data.copy_(flat.view(target.shape))
-    return copied
-
-
-def make_resolver(targets: Optional[dict[str, torch.Tensor]], name_map: NameMap):
-    """Wire name -> (local name, tensor); (None, None) when ``name_map`` says to skip it."""
-    cache: dict[str, tuple[Optional[str], Optional[torch.Tensor]]] = {}
-
-    def resolve(wire: str) -> tuple[Optional[str], Optional[torch.Tensor]]:
-        hit = cache.get(wire)
-        if hit is None:
-            local = map_name(wire, name_map)
-            hit = (local, None if (local is None or targets is None) else targets.get(local))
-            cache[wire] = hit
-        return hit
-
-    return resolve
