@@ -136,13 +136,17 @@ class StepPusher:
             return None
         return self.push(model, step=self.optimizer_steps)
 
-    def push(self, model: Any, step: Optional[int] = None, *, final: bool = False) -> Optional[PublishResult]:
+    def push(self, model: Any, step: Optional[int] = None) -> Optional[PublishResult]:
         """Publish ``model`` now (every rank must call this together).
 
         Returns the result on the main rank; None elsewhere, and under ``async_publish``, where the
-        push finishes in the background (see :attr:`results`). ``final`` waits for a free slot even
-        under ``staleness_policy="skip"``.
+        push finishes in the background (see :attr:`results`).
         """
+        return self._push(model, step)
+
+    def _push(self, model: Any, step: Optional[int], final: bool = False) -> Optional[PublishResult]:
+        # final: sends unless this step is already out, waiting for a free slot even under
+        # staleness_policy=skip
         if self._closed:
             raise ClosedError(f"weight sync to {self.endpoint} is closed")
         self.start(model)
@@ -184,7 +188,7 @@ class StepPusher:
         maybe_skipped = self.config.async_publish and self.config.staleness_policy == "skip"
         pushed = self._last_attempted_step != step or maybe_skipped
         if pushed:
-            self.push(model, step=step, final=True)
+            self._push(model, step, final=True)
         self.flush()
         last = self.last_result
         return last if pushed and last is not None and last.step == step else None
