@@ -15,8 +15,9 @@ thing every rank agrees on. The rank is read when the pusher starts (:meth:`Step
 which a Trainer callback delays to ``on_train_begin``, when the Trainer has set the group up.
 
 **Settings that cannot take effect** are refused or warned about, never dropped in silence:
-``vllm=`` with ``peft_mode="adapter"`` needs the model at start (a ``ConfigError`` otherwise: the
-engine would be set up for full weights and refuse every adapter version); ``peft_mode="adapter"``
+``vllm=`` with ``peft_mode="adapter"`` needs the model at start, or a ready ``VLLMUpdater`` (a
+``ConfigError`` otherwise: the engine would be set up for full weights and refuse every adapter
+version); ``peft_mode="adapter"``
 on a model without PEFT layers sends the whole model, said once in the log.
 """
 
@@ -94,9 +95,13 @@ class StepPusher:
         if self._started:
             return
         if self.vllm is not None and self.config.peft_mode == "adapter" and model is None:
-            raise ConfigError(
-                "vllm= with peft_mode='adapter' needs the model when the sync starts, to set the engine up "
-                "for its LoRA adapters; pass model= (or set peft_mode='merged' to send merged weights)")
+            from .vllm.updater import VLLMUpdater
+
+            if not isinstance(self.vllm, VLLMUpdater):  # a ready updater was told its peft_model already
+                raise ConfigError(
+                    "vllm= with peft_mode='adapter' needs the model when the sync starts, to set the engine "
+                    "up for its LoRA adapters; pass model= (or a ready VLLMUpdater(..., peft_model=model) as "
+                    "vllm=, or set peft_mode='merged' to send merged weights)")
         self.is_main = global_rank() == 0 if self._is_main_arg is None else bool(self._is_main_arg)
         if self.is_main:
             publisher = WeightPublisher(self.endpoint, config=self.config)
