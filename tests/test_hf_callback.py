@@ -47,7 +47,8 @@ def test_trainer_callback_end_to_end(endpoint, tmp_path, async_publish):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
         data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(64)]
-        cb = HotweightsCallback(endpoint, every_n_steps=2, config=SyncConfig(timeout_s=60, async_publish=async_publish))
+        cfg = SyncConfig(timeout_s=60, async_publish=async_publish)
+        cb = HotweightsCallback(endpoint, every_n_steps=2, config=cfg)
         args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=steps,
                                  per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1,
                                  save_strategy="no", disable_tqdm=True, learning_rate=1e-3)

@@ -22,8 +22,8 @@ from tests.conftest import require
 
 
 def test_every_error_class_is_exported_from_the_package_root():
-    classes = {name: obj for name, obj in vars(errors).items()
-               if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == errors.__name__}
+    classes = {name: obj for name, obj in vars(errors).items() if inspect.isclass(obj)
+               and issubclass(obj, BaseException) and obj.__module__ == errors.__name__}
     assert {"ClosedError", "AuthError", "ShardingMismatchError"} <= set(classes)
     missing = sorted(set(classes) - set(hotweights_trainer.__all__))
     assert missing == [], f"errors users can receive but not import from the package root: {missing}"

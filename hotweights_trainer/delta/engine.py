@@ -69,7 +69,8 @@ class PublisherDelta:
 def delta_unavailable(transport: Any) -> Optional[str]:
     """Why ``transport`` (a publisher transport or its class) cannot carry delta sync; None if it can."""
     if not getattr(transport, "supports_delta", True):
-        return f"the {transport.name} transport keeps buckets in device memory and delta sync encodes on the host"
+        return (f"the {transport.name} transport keeps buckets in device memory and delta sync encodes on "
+                "the host")
     if not transport.addressable:
         return (f"delta sync needs a transport that can address one receiver (for resyncs) and "
                 f"{transport.name} cannot")

@@ -188,8 +188,8 @@ class HotweightsCallback(TrainerCallback):
         folder = next((c for c in candidates
                        if isinstance(c, str) and os.path.isfile(os.path.join(c, SIDECAR_NAME))), None)
         if folder is None and self.opt_policy == "preserve":
-            log.info("resumed at step %d without a hotweights sidecar; opt_policy=preserve keeps the optimizer "
-                     "state as loaded", state.global_step)
+            log.info("resumed at step %d without a hotweights sidecar; opt_policy=preserve keeps the "
+                     "optimizer state as loaded", state.global_step)
             return
         if folder is None:
             log.warning("resumed at step %d but found no hotweights sidecar (looked in %s); optimizer state "

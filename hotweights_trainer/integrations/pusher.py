@@ -109,7 +109,8 @@ class StepPusher:
                 if self.vllm is not None:
                     from .vllm.attach import attach_vllm
 
-                    # The model decides the form: a PeftModel with peft_mode=adapter is served as LoRA adapters.
+                    # The model decides the form: a PeftModel with peft_mode=adapter is served as LoRA
+                    # adapters.
                     self.vllm = attach_vllm(publisher, self.vllm, self.config, model=model)
                 if self.config.async_publish:
                     self.async_publisher = AsyncPublisher(publisher, config=self.config)
