@@ -186,7 +186,8 @@ class StepPusher:
 
     def push_final(self, model: Any, step: Optional[int] = None) -> Optional[PublishResult]:
         """Push unless the last push already carried these weights (e.g. at the end of training), then
-        wait for queued asynchronous pushes. Returns the final push's result on the main rank."""
+        wait for queued asynchronous pushes. Returns, on the main rank, the result that carries step
+        ``step`` when this call pushed (None when an earlier push already had these weights)."""
         step = self.optimizer_steps if step is None else int(step)
         # Every rank must come to the same answer (ZeRO-3 gathers are collective), so only facts all
         # ranks share decide: a boundary that staleness_policy=skip dropped is known to the main rank
