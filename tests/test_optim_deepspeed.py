@@ -58,8 +58,8 @@ def test_zero_resume_with_swapped_weights(tmp_path, stage):
     steps = push["pushed_steps"]
     assert push["errors"] == 0 and push["final"] and steps[-1] == 3 and steps == sorted(set(steps))
     assert push["async_pushes"] == len(steps) and push["versions"] == list(range(1, len(steps) + 1))
-    # preserve needs no sidecar; only a ZeRO-3 model would pay a gather of every parameter for one.
-    assert push["sidecar_needed"] == {"preserve": stage != 3, "reset": True}
+    # preserve needs no sidecar; the callback skips it where it would gather every parameter (ZeRO-3).
+    assert push["sidecar_written"] == {"preserve": stage != 3, "reset": True}
 
     reset = out["reset"]
     assert reset["report"]["backend"] == backend

@@ -6,8 +6,8 @@ on every rank), ``apply_on_resume`` runs, and one more step is taken. Rank 0 pri
 case with what it measured; the test asserts on those numbers.
 
 With ``--push ENDPOINT`` phase 1 also runs under ``attach(..., async_publish=True)`` (the push path the
-HF callback and Accelerate share) and reports, as case ``push``, what was pushed and whether a
-checkpoint of this model needs a sidecar under each policy.
+HF callback and Accelerate share) and reports, as case ``push``, what was pushed and whether the HF
+callback's ``on_save`` writes a sidecar for this model under each policy.
 """
 
 from __future__ import annotations
@@ -136,6 +136,23 @@ def run_case(stage: int, ckpt: str, case: str, old: dict, moments: dict) -> dict
     return out
 
 
+def callback_saves_sidecar(engine, directory: str, policy: str) -> bool:
+    """Whether the HF callback's ``on_save`` writes a sidecar for this engine's model under ``policy``
+    (every rank calls it, as the Trainer does)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hotweights_trainer.integrations.hf_trainer import HotweightsCallback
+    from hotweights_trainer.optim import SIDECAR_NAME
+
+    out = os.path.join(directory, f"hf-{policy}")
+    os.makedirs(os.path.join(out, "checkpoint-3"), exist_ok=True)
+    callback = HotweightsCallback("shm://never-bound", opt_policy=policy, config=SyncConfig(linger_s=0))
+    args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[])
+    callback.on_save(args, TrainerState(global_step=3), TrainerControl(), model=engine.module)
+    torch.distributed.barrier()
+    return os.path.isfile(os.path.join(out, "checkpoint-3", SIDECAR_NAME))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=int, default=2)
@@ -158,14 +175,13 @@ def main() -> int:
     if sync is not None:
         final = sync.push_final()
         sync.close()
+        written = {policy: callback_saves_sidecar(engine, args.dir, policy)
+                   for policy in ("preserve", "reset")}
         if rank == 0:
-            from hotweights_trainer.optim.sidecar import sidecar_needed
-
             print(json.dumps({"case": "push", "async_pushes": sync.async_pushes, "errors": len(sync.errors),
                               "pushed_steps": [r.step for r in sync.results],
                               "versions": [r.version for r in sync.results], "final": final is not None,
-                              "sidecar_needed": {p: sidecar_needed(engine.module, p)
-                                                 for p in ("preserve", "reset")}}), flush=True)
+                              "sidecar_written": written}), flush=True)
     engine.save_checkpoint(args.dir, tag="base")
     write_sidecar(os.path.join(args.dir, "base"), engine.module, step=3, is_main=rank == 0)
     full = Full(engine)  # the saved weights and moments, as every resumed engine loads them
