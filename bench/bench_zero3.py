@@ -15,7 +15,7 @@ interleaved), timed on rank 0 from the first gather to the commit:
 * gather-everything: ``GatheredParameters(all)``, then publish the module.
 
 Two passes, because what makes memory measurable distorts time. Peak extra memory is anonymous RSS
-(``hotweights_trainer.memprobe``) above its value before the push -- the highest reading of a 0.5 ms
+(``tests/procs/memprobe.py``) above its value before the push -- the highest reading of a 0.5 ms
 sampler and of probes inside each gather, per rank -- with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
 freed tensors leave RSS at once. That setting also makes every gather touch fresh pages (about 0.6
 GB/s here), so times come from a second pass with the default allocator.
@@ -39,6 +39,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package and its test instrumentation (tests/procs/memprobe.py)
 
 
 def model_config(args: argparse.Namespace):
@@ -86,9 +87,9 @@ def worker(args: argparse.Namespace) -> int:
 
     from hotweights_trainer import SyncConfig, WeightPublisher
     from hotweights_trainer.integrations import gather
-    from hotweights_trainer.memprobe import PeakMemory
     from hotweights_trainer.source import FLUSH
     from hotweights_trainer.verify import combined_digest, weights_digest
+    from tests.procs.memprobe import PeakMemory, watch_gathers
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -157,7 +158,7 @@ def worker(args: argparse.Namespace) -> int:
     approaches["gather everything, then publish"] = push_everything
 
     probes: list[PeakMemory] = []
-    gather.GATHER_HOOKS.append(lambda src: probes[-1].probe() if probes else None)
+    watch_gathers(lambda: probes[-1].probe() if probes else None)
     samples: dict[str, list[float]] = {k: [] for k in approaches}
     extra: dict[str, int] = {k: 0 for k in approaches}
     exact: dict[str, bool] = {}

@@ -104,6 +104,11 @@ class ClosedError(HotweightsError, RuntimeError):
     """An operation was attempted on a closed publisher or receiver."""
 
 
+class EngineError(HotweightsError, RuntimeError):
+    """Code of the publisher or receiver engine raised an unexpected exception (a bug, not a peer's
+    fault); ``__cause__`` is that exception. The version it belonged to failed at once."""
+
+
 class KVMigrationError(HotweightsError, ValueError):
     """A KV-cache transform cannot be applied; the cache was left untouched."""
 

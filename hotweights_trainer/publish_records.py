@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .control.records import Decision, HandleKey
 from .delta.encoder import DeltaStats
 from .errors import (CorruptBucketError, HotweightsError, ManifestMismatchError, PeftModeError,
                      SyncTimeoutError, VersionAbortedError, WireFormatError)
@@ -45,14 +46,14 @@ class VersionRecord:
     quorum: set[str] = field(default_factory=set)
     buffers: list[BucketBuffer] = field(default_factory=list)
     end: Optional[dict[str, Any]] = None
-    handles: set[str] = field(default_factory=set)  # keys posted to the coordinator, not yet released
+    handles: set[HandleKey] = field(default_factory=set)  # posted to the coordinator, not yet released
     expired: set[int] = field(default_factory=set)  # bucket indices whose handle expired: free, don't reuse
     staged: set[str] = field(default_factory=set)
     nacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     catchup: dict[str, float] = field(default_factory=dict)  # rid -> deadline
     acked: set[str] = field(default_factory=set)  # receivers holding the commit (pending or live)
-    decision: dict[str, Any] = field(default_factory=lambda: {"decision": "pending"})
-    error: Optional[HotweightsError] = None  # the coordinator failed while this version waited on it
+    decision: Decision = field(default_factory=Decision.pending)
+    error: Optional[HotweightsError] = None  # the engine or the coordinator failed during this version
     state: str = "sending"  # sending -> waiting -> committed | aborted
     peft: Optional[str] = None  # PEFT form of the tensors ("merged"/"adapter"), told to receivers in begin
 

@@ -25,8 +25,8 @@ from . import metrics
 from .config import SyncConfig
 from .control.heartbeat import Heartbeat
 from .delta.engine import ReceiverDelta
-from .errors import (AuthError, ClosedError, HotweightsError, ManifestMismatchError, PeerLostError,
-                     SyncTimeoutError, WireFormatError)
+from .errors import (AuthError, ClosedError, EngineError, HotweightsError, ManifestMismatchError,
+                     PeerLostError, SyncTimeoutError, WireFormatError)
 from .kv import KVPolicy, KVRegistry, attach_kv_policy
 from .naming import NameMap
 from .peft_sync import adapter_targets, has_peft_layers, receiver_problem
@@ -423,6 +423,22 @@ class WeightReceiver:
                 self._staging = None
                 self._staging_error = None
             self._cond.notify_all()
+
+    def on_error(self, error: BaseException, where: str) -> None:
+        """Code on a transport thread raised (a bug, not the publisher's fault): the version being
+        staged fails at once, with a nack so the publisher does not wait out its deadline, and
+        ``poll``/``wait_for_version`` raise an :class:`EngineError` whose ``__cause__`` is ``error``."""
+        with self._lock:
+            st = self._staging
+            about = f"version {st.version}: " if st is not None else ""
+            err = EngineError(f"{about}receiver on {self.endpoint} failed in {where}: "
+                              f"{type(error).__name__}: {error}")
+            err.__cause__ = error
+            log.error("%s", err, exc_info=error)
+            if st is not None:
+                self._reject(st, err)
+            else:
+                self._record_error(err)
 
     # ---------------------------------------------------------------- protocol steps (lock held)
     def _hello(self) -> dict[str, Any]:

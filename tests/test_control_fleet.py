@@ -299,7 +299,7 @@ def test_status_command_renders_the_fleet_from_a_tcp_coordinator(capsys):
         s.claim({"who": "test"})
         s.register("host:1:1", 1, "host", 0)
         s.register("host:2:1", 2, "host", 0)
-        v = s.begin(5)["version"]
+        v = s.begin(5).version
         s.seal(v, "d", 1)
         for rid in ("host:1:1", "host:2:1"):
             s.precommit(rid, v, "d")

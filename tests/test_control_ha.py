@@ -175,14 +175,14 @@ def test_stale_publisher_is_fenced_through_the_tcp_coordinator():
         old, new = (FleetSession("shm://fenced", (lambda c: lambda m, a: c.call("shm://fenced", m, a))(c),
                                  "tcp") for c in clients)
         old.claim({"who": "old"})
-        v = old.begin(None)["version"]
+        v = old.begin(None).version
         old.seal(v, "d", 1)
         new.claim({"who": "new"})
         with pytest.raises(FencedError, match="stale"):
             old.commit(v)
         with pytest.raises(FencedError):
             old.begin(None)
-        assert new.begin(None)["version"] == v + 1
+        assert new.begin(None).version == v + 1
     finally:
         for c in clients:
             c.close()

@@ -4,7 +4,6 @@ the dashboard mention exists."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import re
@@ -12,7 +11,7 @@ import re
 import pytest
 
 from hotweights_trainer import SyncConfig, metrics
-from hotweights_trainer.config import default_of, field_docs
+from hotweights_trainer.config import SETTINGS, default_of, field_docs
 
 from tests.conftest import ROOT, run_python
 
@@ -45,18 +44,19 @@ def test_tuning_doc_is_regenerated_identically(tmp_path):
 def test_tuning_doc_gives_every_knob_default_meaning_and_group():
     text = TUNING.read_text()
     sections = re.split(r"^## ", text, flags=re.MULTILINE)
-    for f in dataclasses.fields(SyncConfig):
-        env = SyncConfig.env_name(f.name)
+    for st in SETTINGS:
+        env = SyncConfig.env_name(st.flat)
         rows = [ln for ln in text.splitlines() if ln.startswith(f"| `{env}` |")]
         assert len(rows) == 1, env
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", rows[0])[1:-1]]
-        default = default_of(f.name)
+        assert cells[1].startswith(f"`{st.path}`"), env  # the section field it is
+        default = default_of(st.flat)
         expected = "(empty)" if default is None else f"`{int(default) if isinstance(default, bool) else default}`"
         assert cells[3] == expected, env
-        assert cells[4] == field_docs()[f.name].replace("|", "\\|"), env
-        # Where it applies: the row sits under its group heading.
+        assert cells[4] == field_docs()[st.flat].replace("|", "\\|"), env
+        # Where it applies: the row sits under its section's heading.
         group = next(s for s in sections if f"| `{env}` |" in s)
-        assert group.splitlines()[0].strip()
+        assert group.splitlines()[0].strip() == st.section.KEY, env
 
 
 def _seed_names() -> set[str]:

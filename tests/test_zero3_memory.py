@@ -1,7 +1,7 @@
 """ZeRO-3 on two real ranks: extra memory of a push stays within bucket_mb x window, not the model.
 
 window = 2 on this backend: one gathered group (at most one bucket) plus gloo's staging copy of the
-parameter being all-gathered. Peak memory is measured as described in hotweights_trainer.memprobe.
+parameter being all-gathered. Peak memory is measured as described in tests/procs/memprobe.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``hotweights coord``: run a standalone coordinator (``serve``) or free expired handles once (``gc``)."""
+"""``hotweights coord``: run a standalone coordinator (``serve``), or free what dead publishers left (``gc``)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run_serve)
 
     gc = csub.add_parser(
-        "gc", help="free expired handles (shm blocks) of dead publishers of a fleet in Redis",
-        description="One janitor pass over a fleet whose state is in Redis: abort a version its publisher "
-                    "never decided, expire handles whose TTL passed and whose owner is dead, and unlink "
-                    "the shared memory behind them.")
-    gc.add_argument("--fleet", required=True, help="the publisher endpoint, e.g. shm://policy")
+        "gc", help="free the shared memory of dead publishers (and, with --fleet, their expired handles)",
+        description="Unlink every shared-memory block on this host whose owner process is gone (SIGKILL, "
+                    "os._exit). With --fleet, first run one janitor pass over that fleet's state in Redis: "
+                    "abort a version its publisher never decided, expire handles whose TTL passed and "
+                    "whose owner is dead, and unlink the shared memory behind them.")
+    gc.add_argument("--fleet", default=None,
+                    help="also clean up this fleet's state in Redis (the publisher endpoint, e.g. shm://policy)")
     gc.add_argument("--redis-url", default=None, help="Redis URL (default HOTWEIGHTS_REDIS_URL)")
     add_json_flag(gc)
     gc.set_defaults(func=run_gc)
@@ -74,6 +76,25 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
+    from ..transports.shm_blocks import reclaim_dead_blocks
+
+    result = _gc_fleet(args) if args.fleet is not None else {}
+    reclaimed = [name for name in reclaim_dead_blocks() if name not in result.get("removed", [])]
+    result["removed"] = result.get("removed", []) + reclaimed
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif "skipped" in result:
+        print(f"{args.fleet}: skipped: {result['skipped']}; {len(result['removed'])} shared-memory block(s) "
+              "of dead publishers removed")
+    elif args.fleet is not None:
+        print(f"{args.fleet}: {len(result['expired_handles'])} handle(s) expired, "
+              f"{len(result['removed'])} shared-memory block(s) removed")
+    else:
+        print(f"{len(result['removed'])} shared-memory block(s) of dead publishers removed")
+    return 0
+
+
+def _gc_fleet(args: argparse.Namespace) -> dict:
     from ..config import SyncConfig
     from ..control.coordinator import Coordinator
     from ..control.janitor import HOST, free_handles, owner_is_dead
@@ -89,20 +110,8 @@ def run_gc(args: argparse.Namespace) -> int:
         try:
             expired = coord.op_janitor(owner_is_dead)
         except NotLeaderError as exc:
-            result = {"fleet": args.fleet,
-                      "skipped": f"a live coordinator leads it and cleans up itself ({exc})"}
-        else:
-            removed = free_handles(args.fleet, expired, config)
-            result = {"fleet": args.fleet, "expired_handles": [h.key for h in expired], "removed": removed}
+            return {"fleet": args.fleet, "skipped": f"a live coordinator leads it and cleans up itself ({exc})"}
+        removed = free_handles(args.fleet, expired, config)
+        return {"fleet": args.fleet, "expired_handles": [h.key for h in expired], "removed": removed}
     finally:
         coord.close()
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        if "skipped" in result:
-            print(f"{args.fleet}: skipped: {result['skipped']}")
-        else:
-            print(f"{args.fleet}: {len(result['expired_handles'])} handle(s) expired, "
-                  f"{len(result['removed'])} shared-memory block(s) removed")
-    return 0
-

@@ -34,7 +34,7 @@ class Handle:
     key: str            # unique within the fleet, e.g. "12.3" (version 12, bucket 3)
     name: str           # the transport reference itself (shm block name, IPC handle)
     version: int
-    owner: str          # "host:pid" of the process that owns the memory behind it
+    owner: str          # "host:pid_start_pidns" of the process that owns the memory behind it
     holders: set[str] = field(default_factory=set)
     posted_at: float = 0.0
     expires_at: float = 0.0

@@ -11,12 +11,13 @@ janitor unlink anything.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from typing import Optional
 
 from ..config import SyncConfig
 from ..transports.endpoint import parse_endpoint
+from ..transports.shm_blocks import (Owner, block_prefix, current_owner, owner_state, reclaim_dead_blocks,
+                                     unlink_block)
 from .handles import Handle, verify_handle
 
 log = logging.getLogger(__name__)
@@ -24,23 +25,28 @@ log = logging.getLogger(__name__)
 HOST = socket.gethostname()
 
 
-def owner_tag(pid: Optional[int] = None) -> str:
-    return f"{HOST}:{os.getpid() if pid is None else pid}"
+def owner_tag() -> str:
+    """``HOST:PID_START_PIDNS`` of this process: its identity survives a reuse of its PID."""
+    return f"{HOST}:{current_owner().tag()}"
 
 
-def _local_pid(owner: str) -> Optional[int]:
-    host, _, pid = owner.rpartition(":")
-    return int(pid) if host == HOST and pid.isdigit() else None
+def _local_owner(owner: str) -> Optional[Owner]:
+    """The owner behind a tag written on this host, or None (another host, or not a tag)."""
+    host, _, ident = owner.rpartition(":")
+    if host != HOST:
+        return None
+    if ident.isdigit():  # written by an earlier release: the PID alone
+        return Owner(int(ident))
+    parts = ident.split("_")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return Owner(*(int(p) for p in parts))
 
 
 def owner_is_dead(h: Handle) -> bool:
     """True only for owners on this host whose process no longer exists (others: we cannot know)."""
-    pid = _local_pid(h.owner)
-    if pid is None:
-        return False
-    from ..transports.shm import _pid_alive
-
-    return not _pid_alive(pid)
+    owner = _local_owner(h.owner)
+    return owner is not None and owner_state(owner) == "dead"
 
 
 def handle_trusted(h: Handle, fleet: str, config: SyncConfig) -> bool:
@@ -57,8 +63,6 @@ def free_handles(fleet: str, handles: list[Handle], config: SyncConfig) -> list[
         return []
     if ep.scheme != "shm" or not handles:
         return []
-    from ..transports.shm import block_prefix, cleanup_stale_blocks, unlink_block
-
     removed = []
     dead_owner = False
     for h in handles:
@@ -71,7 +75,7 @@ def free_handles(fleet: str, handles: list[Handle], config: SyncConfig) -> list[
         if h.name.startswith(block_prefix(ep.name)) and unlink_block(h.name):
             removed.append(h.name)
     if dead_owner:
-        removed += cleanup_stale_blocks(ep.name)  # the dead owner's free pool: blocks with no handle posted
+        removed += reclaim_dead_blocks(ep.name)  # the dead owner's free pool: blocks with no handle posted
     if removed:
         log.info("fleet %s: freed %d shared-memory block(s) of dead publishers after their handles expired",
                  fleet, len(removed))

@@ -46,10 +46,6 @@ Item = tuple[str, torch.Tensor]
 GatherFn = Callable[[Sequence[torch.Tensor]], ContextManager[Any]]
 """Given one group's tensors, a context during which they hold their full data (every rank enters it)."""
 
-GATHER_HOOKS: list[Callable[["ShardedSource"], None]] = []
-"""Called with the source while each group is gathered (its peak-memory moment), on every rank.
-For measurements (peak memory, timing); a hook must not run collectives."""
-
 
 # ---------------------------------------------------------------------------------------- ZeRO-3 tensors
 def is_zero3_param(t: Any) -> bool:
@@ -193,7 +189,7 @@ class ShardedSource:
     which on every rank leaves the sequence of collective gathers complete.
     """
 
-    def __init__(self, groups: list[list[Item]], *, is_main: bool, gather: GatherFn = deepspeed_gather,
+    def __init__(self, groups: list[list[Item]], *, is_main: bool, gather: Optional[GatherFn] = None,
                  all_params: Sequence[torch.Tensor] = (),
                  transform: Optional[Callable[[list[Item]], Iterable[Item]]] = None,
                  peft_mode: Optional[str] = None):
@@ -205,7 +201,8 @@ class ShardedSource:
         self.stats = GatherStats(groups=len(groups),
                                  group_bytes_max=max((sum(full_nbytes(t) for _, t in g if is_zero3_param(t))
                                                       for g in groups), default=0))
-        self._gather = gather
+        # Looked up per source rather than bound at import, so a profiler can wrap deepspeed_gather.
+        self._gather = gather if gather is not None else deepspeed_gather
         self._all_params = [p for p in all_params if is_zero3_param(p)]
         self._next = 0  # index of the next group not yet gathered
         self._iterating: Optional[Iterator[Any]] = None
@@ -248,8 +245,6 @@ class ShardedSource:
         if self._all_params:
             self.stats.live_bytes_high = max(self.stats.live_bytes_high,
                                              _live_gathered_bytes(self._all_params))
-        for hook in GATHER_HOOKS:
-            hook(self)
 
     def drain(self) -> None:
         """Enter and leave every gather not yet done (what the ranks that don't send do)."""
@@ -300,7 +295,7 @@ def check_same_plan(groups: Sequence[Sequence[Item]], device: Optional[torch.dev
 
 
 def sharded_source(model: torch.nn.Module, *, is_main: bool, bucket_bytes: int,
-                   gather: GatherFn = deepspeed_gather, check: bool = True,
+                   gather: Optional[GatherFn] = None, check: bool = True,
                    peft_mode: str = "merged") -> ShardedSource:
     """A :class:`ShardedSource` over ``model``'s tensors in groups of at most ``bucket_bytes``.
 

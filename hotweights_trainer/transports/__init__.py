@@ -68,12 +68,22 @@ def publisher_class(name: str) -> type:
     return _load(name, 0)
 
 
+def _reclaim_dead_blocks() -> None:
+    # Every hotweights process that starts frees the shared memory of dead ones (SIGKILL and
+    # os._exit run no code of ours), whatever endpoint and transport it uses itself.
+    from .shm_blocks import reclaim_dead_blocks
+
+    reclaim_dead_blocks()
+
+
 def create_publisher_transport(endpoint: Endpoint, config: SyncConfig) -> PublisherTransport:
+    _reclaim_dead_blocks()
     name, endpoint = _resolve(endpoint, config, role="publisher")
     return _load(name, 0)(endpoint, config)
 
 
 def create_receiver_transport(endpoint: Endpoint, config: SyncConfig) -> ReceiverTransport:
+    _reclaim_dead_blocks()
     name, endpoint = _resolve(endpoint, config, role="receiver")
     return _load(name, 1)(endpoint, config)
 

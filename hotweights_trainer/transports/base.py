@@ -4,14 +4,16 @@ The engine (``publisher.py`` / ``receiver.py``) owns versions, checksums, the tw
 applying weights. A transport only moves opaque bucket blobs and small control messages, so every
 transport gets the same guarantees for free. The lifecycle, and which side calls what:
 
-1. **Rendezvous.** The publisher engine calls ``PublisherTransport.start(handler)``; the transport
-   binds/listens/joins its group and from then on calls ``handler.on_join(rid, hello)`` for every
-   receiver that connects (late joiners included), ``handler.on_message(rid, msg)`` for every control
-   message a receiver sends, ``handler.on_lost(rid, reason)`` when one goes away and
-   ``handler.on_tick()`` about every ``TICK_S`` seconds. Each receiver engine calls
+1. **Rendezvous.** The publisher engine calls ``PublisherTransport.start(events)``; the transport
+   binds/listens/joins its group and from then on reports to ``events`` (a :class:`PublisherHandler`)
+   ``on_join(rid, hello)`` for every receiver it admitted (late joiners included),
+   ``on_message(rid, msg)`` for every control message a receiver sends, ``on_lost(rid, reason)`` when
+   one goes away, ``on_tick()`` about every ``TICK_S`` seconds and ``on_error(error, where)`` when
+   its own code raised on its thread. Each receiver engine calls
    ``ReceiverTransport.start(handler, hello)``; the transport connects in the background (retrying,
    so receivers may start before the publisher), sends ``hello()`` on every (re)connect and calls
-   ``handler.on_connected()`` / ``on_message(msg)`` / ``on_bucket(...)`` / ``on_lost(reason)``.
+   ``handler.on_connected()`` / ``on_message(msg)`` / ``on_bucket(...)`` / ``on_lost(reason)``, and
+   ``handler.on_error(error, where)`` when a handler call or its own code raised.
 2. **Announce a version.** The publisher engine calls ``send(to, {"op": "begin", ...})``.
 3. **Move buckets.** For each bucket the publisher engine calls ``alloc(nbytes)`` to get a writable
    buffer, ``pack(buf, plan, ...)`` (by default: into ``buf.mem`` on the host; a transport that keeps
@@ -33,9 +35,37 @@ transport gets the same guarantees for free. The lifecycle, and which side calls
 Must implement: ``start``, ``alloc``, ``post``, ``send``, ``recycle``, ``drop``, ``close`` (publisher)
 and ``start``, ``send``, ``close`` (receiver). Optional: ``stats``.
 
-Threading: handler callbacks run on the transport's own thread; ``send``/``post`` may be called from
-the training thread at the same time and must be thread-safe. No call may block forever: every wait
-takes its deadline from ``config.timeout_s``.
+Threading, publisher side. Three kinds of thread meet here:
+
+- the transport's own threads (control server, MPI progress, UCX pump) read what receivers send.
+  For each receiver event they first run the transport's own bookkeeping, the *control hooks* below,
+  then report the event to ``events``. ``events`` is the engine's queue: each of its methods only
+  enqueues, never blocks and never raises, so a transport may call it from any thread, holding any
+  of its own locks;
+- the engine thread (:mod:`hotweights_trainer.engine`) drains that queue in order. It alone owns the
+  version and receiver records, and it calls ``send``, ``post``, ``drop``, ``recycle`` and
+  ``discard``, never while holding a lock;
+- the caller's thread (``publish``) calls ``alloc`` and ``pack`` (and ``delivery_error``, a query),
+  also without any lock held.
+
+So ``alloc``/``pack`` may run at the same time as ``post``/``send`` and must be thread-safe against
+them; ``post`` may block (a full in-flight window) but never past ``config.timeout_s``, and nothing a
+post waits for may depend on the engine thread: acks that free window slots are the transport's
+own bookkeeping, done on its own thread. Control hooks (called on the transport's control thread,
+before the engine event; defaults do nothing):
+
+- ``admit(rid, hello) -> bool``: a receiver said hello. False refuses it (the transport drops it
+  itself); the engine then never hears of it.
+- ``on_transport_message(rid, msg)``: a frame with ``op: tx``, the transport's own protocol (acks,
+  group formation); these never reach the engine.
+- ``forget(rid)``: the receiver is gone; before the engine's ``on_lost``.
+- ``housekeep()``: every ``TICK_S``, before the engine's ``on_tick``.
+
+A hook that raises is reported as ``events.on_error``: the engine fails the version in flight with
+it. Receiver side: ``handler`` callbacks run on the transport's thread (or its ordered delivery
+thread, :mod:`.delivery`) in the publisher's order; ``send`` may be called from the owner's thread at
+the same time and must be thread-safe. No call may block forever: every wait takes its deadline from
+``config.timeout_s``.
 
 Capabilities are class attributes: ``zero_copy`` (receivers read the publisher's buffer directly),
 ``multi_receiver`` (one publisher feeds several receivers), ``cross_host`` (peers on other hosts),
@@ -69,15 +99,23 @@ TICK_S = 0.2
 
 
 class PublisherHandler(Protocol):
-    """Implemented by the publisher engine; called from the transport's thread."""
+    """The publisher engine's event queue (:class:`hotweights_trainer.engine.EventQueue`). Called
+    from any transport thread; every method only enqueues a typed event and returns at once."""
 
-    def on_join(self, rid: str, hello: dict[str, Any]) -> None: ...
+    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
+        """A receiver the transport admitted said ``hello``."""
 
-    def on_message(self, rid: str, msg: dict[str, Any]) -> None: ...
+    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
+        """A control message for the engine (every op but the transport's own ``tx``)."""
 
-    def on_lost(self, rid: str, reason: str) -> None: ...
+    def on_lost(self, rid: str, reason: str) -> None:
+        """A receiver went away (closed, dropped, broken connection); after ``forget(rid)``."""
 
-    def on_tick(self) -> None: ...
+    def on_tick(self) -> None:
+        """About every ``TICK_S`` seconds (coalesced while the engine is busy)."""
+
+    def on_error(self, error: BaseException, where: str) -> None:
+        """The transport's own code raised on its thread; fails the version in flight."""
 
 
 class ReceiverHandler(Protocol):
@@ -92,6 +130,10 @@ class ReceiverHandler(Protocol):
     def on_bucket_failed(self, version: int, index: int, error: Exception) -> None: ...
 
     def on_lost(self, reason: str) -> None: ...
+
+    def on_error(self, error: BaseException, where: str) -> None:
+        """A handler call or the transport's own code raised on a transport thread: the receiver
+        engine fails what it was staging and raises it from ``poll``/``wait_for_version``."""
 
 
 @dataclass
@@ -177,6 +219,20 @@ class PublisherTransport(abc.ABC):
     @abc.abstractmethod
     def drop(self, rid: str, reason: str) -> None:
         """Disconnect one receiver (eviction); its ``on_lost`` follows."""
+
+    # Control hooks: called on the transport's control thread before the engine's event (see above).
+    def admit(self, rid: str, hello: dict[str, Any]) -> bool:
+        """A receiver said hello; False refuses it (this transport has dropped it)."""
+        return True
+
+    def on_transport_message(self, rid: str, msg: dict[str, Any]) -> None:
+        """A message of this transport's own protocol (``op: tx``) from a receiver."""
+
+    def forget(self, rid: str) -> None:
+        """A receiver is gone: drop what this transport kept about it."""
+
+    def housekeep(self) -> None:
+        """Periodic bookkeeping, every ``TICK_S`` seconds."""
 
     def delivery_error(self, version: int) -> Optional[Exception]:
         """Why ``version`` can no longer reach every receiver it was posted to, once the transport

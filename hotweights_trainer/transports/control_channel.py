@@ -1,14 +1,18 @@
 """A framed control channel over stream sockets (Unix or TCP), used by transports for their commit protocol.
 
-``ControlServer`` runs on the publisher: one thread accepts receivers, reads their frames and calls
-the publisher handler. ``ControlClient`` runs on a receiver: one thread connects (and reconnects,
-with backoff, until closed), sends the hello and hands every frame to the transport. Frames are the
-JSON messages of :mod:`hotweights_trainer.wire.messages`; every socket operation has a deadline.
+``ControlServer`` runs on the publisher: one thread accepts receivers and reads their frames. For
+each it first runs the transport's own control hooks (``admit``, ``on_transport_message`` for
+``op: tx`` frames, ``forget``, ``housekeep``; see :mod:`.base`), then puts the engine's event
+(``events.on_join`` / ``on_message`` / ``on_lost`` / ``on_tick``, which only enqueue). A hook that
+raises is reported with ``events.on_error``, so it fails the version in flight instead of vanishing
+in a log. ``ControlClient`` runs on a receiver: one thread connects (and reconnects, with backoff,
+until closed), sends the hello and hands every frame to the transport; a frame handler that raises
+is reported through ``on_error``. Frames are the JSON messages of
+:mod:`hotweights_trainer.wire.messages`; every socket operation has a deadline.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import selectors
 import socket
@@ -37,10 +41,11 @@ class _Conn:
 class ControlServer:
     """Publisher side: accept receivers, dispatch their frames, send frames with a deadline."""
 
-    def __init__(self, listener: socket.socket, *, handler: PublisherHandler, timeout_s: float,
-                 max_message_bytes: int, name: str):
+    def __init__(self, listener: socket.socket, *, transport: PublisherTransport, events: PublisherHandler,
+                 timeout_s: float, max_message_bytes: int, name: str):
         self._listener = listener
-        self._handler = handler
+        self._tx = transport
+        self._events = events
         self._timeout = timeout_s
         self._max = max_message_bytes
         self._sel = selectors.DefaultSelector()
@@ -123,7 +128,8 @@ class ControlServer:
                     self._read(key.data)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
-                self._call(self._handler.on_tick)
+                self._hook("housekeep", self._tx.housekeep)
+                self._events.on_tick()
         self._sel.close()
 
     def _accept(self) -> None:
@@ -164,9 +170,15 @@ class ControlServer:
                         rid = f"{rid}#{id(conn):x}"
                     conn.rid = rid
                     self._conns[rid] = conn
-                self._call(self._handler.on_join, rid, msg)
+                admitted = self._hook(f"admit({rid})", self._tx.admit, rid, msg)
+                if admitted:
+                    self._events.on_join(rid, msg)
+                elif admitted is None:  # the hook raised: nobody else will let this receiver go
+                    self.drop(rid, "the publisher's transport failed to admit it")
+            elif msg["op"] == "tx":
+                self._hook(f"on_transport_message({conn.rid})", self._tx.on_transport_message, conn.rid, msg)
             else:
-                self._call(self._handler.on_message, conn.rid, msg)
+                self._events.on_message(conn.rid, msg)
 
     def _lost(self, conn: _Conn, reason: str) -> None:
         try:
@@ -177,14 +189,17 @@ class ControlServer:
         if conn.rid is not None:
             with self._lock:
                 self._conns.pop(conn.rid, None)
-            self._call(self._handler.on_lost, conn.rid, reason)
+            self._hook(f"forget({conn.rid})", self._tx.forget, conn.rid)
+            self._events.on_lost(conn.rid, reason)
 
-    def _call(self, fn: Callable, *args: Any) -> None:
-        # The selector thread must survive a bug in one callback, or every receiver would hang.
+    def _hook(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        # The selector thread must outlive a bug in a hook (every receiver would hang), and the bug
+        # must reach the engine, which fails the version in flight with it.
         try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - logged with traceback; the loop keeps serving
-            log.exception("publisher handler %s failed", getattr(fn, "__name__", fn))
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the engine as a Failed event
+            self._events.on_error(exc, f"the {self._tx.name} transport's {what} on its control thread")
+            return None
 
 
 class ControlClient:
@@ -192,8 +207,10 @@ class ControlClient:
 
     def __init__(self, connect: Callable[[], socket.socket], *, hello: Callable[[], dict[str, Any]],
                  on_connected: Callable[[], None], on_frame: Callable[[dict[str, Any]], None],
-                 on_lost: Callable[[str], None], timeout_s: float, max_message_bytes: int, name: str):
+                 on_lost: Callable[[str], None], on_error: Callable[[BaseException, str], None],
+                 timeout_s: float, max_message_bytes: int, name: str):
         self._connect = connect
+        self._on_error = on_error
         self._hello = hello
         self._on_connected = on_connected
         self._on_frame = on_frame
@@ -281,8 +298,8 @@ class ControlClient:
                 for msg in frames:
                     try:
                         self._on_frame(msg)
-                    except Exception:  # noqa: BLE001 - a handler bug must not kill the connection thread
-                        log.exception("receiver handler failed on %r", msg.get("op"))
+                    except Exception as exc:  # noqa: BLE001 - reported to the engine; the connection lives on
+                        self._on_error(exc, f"handling {msg.get('op')!r} from the publisher")
         finally:
             self._sock = None
             _close_quietly(sock)
@@ -313,12 +330,6 @@ class ServedPublisher(PublisherTransport):
         if self._server is not None:
             self._server.drop(rid, reason)
 
-    def _on_tx_message(self, rid: str, msg: dict[str, Any]) -> None:
-        """A transport message from a receiver (``op: tx``); none by default, so ignored."""
-
-    def _on_tick(self) -> None:
-        """Periodic transport bookkeeping on the control thread (nothing by default)."""
-
 
 class ClientReceiver(ReceiverTransport):
     """Receiver transports that reach their publisher through a :class:`ControlClient`
@@ -339,95 +350,3 @@ class ClientReceiver(ReceiverTransport):
 
     def release_staged(self, version: int) -> None:
         """The engine is done with ``version``: free the buffers this transport staged it in."""
-
-
-class ServedHooks:
-    """Between the control server and the engine of a :class:`ServedPublisher`: the transport's own
-    bookkeeping first (``tx._on_join`` may refuse a receiver; ``tx._on_tx_message`` takes the
-    transport messages, ``op: tx``; ``tx._on_lost``, ``tx._on_tick``), then the engine."""
-
-    def __init__(self, tx: Any, engine: PublisherHandler):
-        self._tx = tx
-        self._engine = engine
-
-    def on_join(self, rid: str, hello: dict[str, Any]) -> None:
-        if self._tx._on_join(rid, hello):
-            self._call(self._engine.on_join, rid, hello)
-
-    def on_message(self, rid: str, msg: dict[str, Any]) -> None:
-        if msg["op"] == "tx":
-            self._tx._on_tx_message(rid, msg)
-        else:
-            self._call(self._engine.on_message, rid, msg)
-
-    def on_lost(self, rid: str, reason: str) -> None:
-        self._tx._on_lost(rid)
-        self._call(self._engine.on_lost, rid, reason)
-
-    def on_tick(self) -> None:
-        self._tx._on_tick()
-        self._call(self._engine.on_tick)
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        fn(*args)
-
-    def stop(self, timeout: float) -> None:
-        """Nothing runs beside the control thread here."""
-
-
-class DispatchedHooks(ServedHooks):
-    """:class:`ServedHooks` whose engine callbacks run, in arrival order, on a dispatcher thread.
-
-    For transports whose ``post`` waits, under the engine's lock, for something that messages read
-    on the control thread release (acks freeing window slots): the control thread then never calls
-    into the engine itself, while the transport's own bookkeeping still runs inline.
-    """
-
-    def __init__(self, tx: Any, engine: PublisherHandler, name: str):
-        super().__init__(tx, engine)
-        self._queue: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
-        self._cond = threading.Condition()
-        self._tick_queued = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"hotweights-engine-{name}", daemon=True)
-        self._thread.start()
-
-    def on_tick(self) -> None:
-        self._tx._on_tick()
-        with self._cond:
-            if self._tick_queued:
-                return  # the engine is busy; one pending tick is enough
-            self._tick_queued = True
-        self._call(self._tick)
-
-    def _tick(self) -> None:
-        with self._cond:
-            self._tick_queued = False
-        self._engine.on_tick()
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            self._queue.append((fn, args))
-            self._cond.notify()
-
-    def stop(self, timeout: float) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopped:
-                    self._cond.wait(0.5)
-                if not self._queue:
-                    return
-                fn, args = self._queue.popleft()
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - logged with traceback; the dispatcher must keep serving
-                log.exception("publisher handler %s failed", getattr(fn, "__name__", fn))

@@ -71,10 +71,11 @@ from ..gpu.topology import PathUsage, probe
 from ..wire.bucket import ENC_DENSE, FLAG_DEVICE, seal_header, write_header
 from ..wire.packer import PlannedBucket
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
-from .control_channel import ClientReceiver, ControlClient, ControlServer, DispatchedHooks, ServedPublisher
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .endpoint import Endpoint
 from .meter import TransportMeter
-from .shm import _pid_alive, control_address
+from .shm import control_address
+from .shm_blocks import pid_alive
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,6 @@ class CudaIpcPublisher(ServedPublisher):
         self._lock = threading.RLock()
         self._seq = 0
         self._server: Optional[ControlServer] = None
-        self._hooks: Optional[DispatchedHooks] = None
         self._closed = False
         self._collect = False
 
@@ -160,8 +160,7 @@ class CudaIpcPublisher(ServedPublisher):
                     f"another publisher already serves {self.endpoint}; use another name or close it") from None
             raise
         sock.listen(128)
-        self._hooks = DispatchedHooks(self, handler, f"ipc-{self.endpoint.name}")
-        self._server = ControlServer(sock, handler=self._hooks, timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
         self._server.start()
         log.info("cuda_ipc transport on %s (device %s, window %d, byte cap %s)", self.endpoint,
@@ -175,15 +174,13 @@ class CudaIpcPublisher(ServedPublisher):
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._hooks is not None:
-            self._hooks.stop(self.config.timeout_s)
         with self._lock:
             self._flights.clear()
             for buf in self._pool.clear():
                 buf.exports.clear()
                 buf.tensor = None
             for _, pid, exports in self._orphans:
-                if not _pid_alive(pid):  # a live receiver releases its own references
+                if not pid_alive(pid):  # a live receiver releases its own references
                     for export in exports:
                         self._memory.release_export(export)
             self._orphans.clear()
@@ -300,16 +297,16 @@ class CudaIpcPublisher(ServedPublisher):
         else:
             self._meter.refresh()
 
-    def _on_tx_message(self, rid: str, msg: dict[str, Any]) -> None:
+    def on_transport_message(self, rid: str, msg: dict[str, Any]) -> None:
         if msg["kind"] == "ipc_ack":
             self._on_ack(rid, msg)
         elif msg["kind"] == "ipc_bye":
             self._on_bye(rid)
 
-    def _on_tick(self) -> None:
+    def housekeep(self) -> None:
         self._sweep()
 
-    def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
+    def admit(self, rid: str, hello: dict[str, Any]) -> bool:
         tx = hello.get("tx") if isinstance(hello.get("tx"), dict) else {}
         if tx.get("transport") != "cuda_ipc":
             theirs = tx.get("transport") or "shm"
@@ -336,7 +333,7 @@ class CudaIpcPublisher(ServedPublisher):
         with self._lock:
             self._graceful.add(rid)
 
-    def _on_lost(self, rid: str) -> None:
+    def forget(self, rid: str) -> None:
         now = time.monotonic()
         with self._lock:
             pid = self._pids.pop(rid, None)
@@ -359,7 +356,7 @@ class CudaIpcPublisher(ServedPublisher):
             flights = [(h, self._flights.pop(h.key)) for h in expired if h.key in self._flights]
             keep, dead = [], []
             for until, pid, exports in self._orphans:
-                if not _pid_alive(pid):
+                if not pid_alive(pid):
                     dead.extend(exports)
                 elif now < until:
                     keep.append((until, pid, exports))
@@ -418,6 +415,7 @@ class CudaIpcReceiver(ClientReceiver):
         self._client = ControlClient(
             connect, hello=lambda: {**hello(), "tx": {"transport": "cuda_ipc", "device": str(self._memory.device)}},
             on_connected=lambda: handler.on_connected({}), on_frame=self._on_frame, on_lost=self._on_lost,
+            on_error=handler.on_error,
             timeout_s=self.config.timeout_s, max_message_bytes=self.config.max_message_bytes,
             name=f"ipc-{self.endpoint.name}")
         self._client.start()

@@ -10,6 +10,10 @@ engine strictly in queue order, waiting for each bucket's bytes with the config 
 ``abandon(version)`` is for ``abort`` and a lost publisher: waits on those buckets end at once
 (their buffers are never reused, since a transfer may still write into them), and the items that
 follow are delivered without delay.
+
+A handler call that raises does not stop delivery (the items behind it still go out), and it is not
+swallowed either: the error goes to ``handler.on_error``, so the receiver engine fails the version
+it belongs to and raises it from ``poll``/``wait_for_version``.
 """
 
 from __future__ import annotations
@@ -209,13 +213,16 @@ class OrderedDelivery:
         elif item.kind == "lost":
             self._safe(self._handler.on_lost, item.payload)
 
-    @staticmethod
-    def _safe(fn: Callable, *args: Any) -> None:
-        # The delivery thread must outlive a bug in one callback, or the receiver would stall forever.
+    def _safe(self, fn: Callable, *args: Any) -> None:
+        # The delivery thread must outlive a bug in one callback, or the receiver would stall forever;
+        # the bug itself goes to the engine.
         try:
             fn(*args)
-        except Exception:  # noqa: BLE001 - logged with traceback; delivery goes on
-            log.exception("receiver handler %s failed", getattr(fn, "__name__", fn))
+        except Exception as exc:  # noqa: BLE001 - handed to the receiver engine; delivery goes on
+            report = getattr(self._handler, "on_error", None)
+            if report is None:
+                raise
+            report(exc, f"the receiver handler {getattr(fn, '__name__', fn)} on the delivery thread")
 
 
 __all__ = ["OrderedDelivery", "Pending", "EventPending"]

@@ -48,7 +48,7 @@ from .buffers import HostBufferPool, ReceivePool, numpy_view
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
-from .mpi_progress import CTRL_TAG, GROUP_TAG, Events, MpiThread
+from .mpi_progress import CTRL_TAG, GROUP_TAG, MpiThread
 from .window import InflightWindow, WindowGate
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,6 @@ class MpiPublisher(PublisherTransport):
         self._meter = TransportMeter("mpi", str(endpoint), self._gate)
         self._chunk = config.mpi_chunk_mb << 20
         self._handler: Optional[PublisherHandler] = None
-        self._events: Optional[Events] = None
         self._rank_of: dict[str, int] = {}
         self._rid_of: dict[int, str] = {}
         self._groups: collections.OrderedDict[tuple[int, ...], _Group] = collections.OrderedDict()
@@ -130,8 +129,9 @@ class MpiPublisher(PublisherTransport):
 
     def start(self, handler: PublisherHandler) -> None:
         self._handler = handler
-        self._events = Events("pub", tick=handler.on_tick)
+        self._mt.on_error = handler.on_error
         self._mt.tickers.append(self._check_formations)
+        self._mt.tickers.append(handler.on_tick)
         self._mt.start()
         log.info("mpi transport: publisher on rank 0 of %d (window %d, chunk %d MiB)", self._mt.size,
                  self.config.mpi_window, self._chunk >> 20)
@@ -145,8 +145,6 @@ class MpiPublisher(PublisherTransport):
         for r in ranks:
             self._mt.send_ctl(r, {"op": "tx", "kind": "bye", "reason": "publisher closed", "inst": self._inst})
         self._mt.stop(self.config.timeout_s)
-        if self._events is not None:
-            self._events.stop(self.config.timeout_s)
         self._pool.clear()
 
     # ---------------------------------------------------------------- buckets
@@ -307,7 +305,7 @@ class MpiPublisher(PublisherTransport):
 
     # ---------------------------------------------------------------- control (MPI thread)
     def _on_ctl(self, rank: int, msg: dict[str, Any]) -> None:
-        assert self._handler is not None and self._events is not None
+        assert self._handler is not None
         op = msg["op"]
         if op == "hello":
             rid = msg["receiver_id"]
@@ -320,7 +318,7 @@ class MpiPublisher(PublisherTransport):
                     rid = f"{rid}#r{rank}"
                 self._rid_of[rank] = rid
                 self._rank_of[rid] = rank
-            self._events.put(self._handler.on_join, rid, msg)
+            self._handler.on_join(rid, msg)
             return
         rid = self._rid_of.get(rank)
         if rid is None:
@@ -335,10 +333,10 @@ class MpiPublisher(PublisherTransport):
             elif kind == "bye":
                 self._lost(rank, "receiver closed")
             return
-        self._events.put(self._handler.on_message, rid, msg)
+        self._handler.on_message(rid, msg)
 
     def _lost(self, rank: int, reason: str) -> None:
-        assert self._handler is not None and self._events is not None
+        assert self._handler is not None
         with self._lock:
             rid = self._rid_of.pop(rank, None)
             if rid is None:
@@ -347,7 +345,7 @@ class MpiPublisher(PublisherTransport):
             for key, g in list(self._groups.items()):
                 if rank in key:
                     self._retire(self._groups.pop(key))
-        self._events.put(self._handler.on_lost, rid, reason)
+        self._handler.on_lost(rid, reason)
 
 
 class MpiReceiver(ReceiverTransport):
@@ -374,6 +372,7 @@ class MpiReceiver(ReceiverTransport):
 
     def start(self, handler: ReceiverHandler, hello: Callable[[], dict[str, Any]]) -> None:
         self._delivery = OrderedDelivery(handler, timeout_s=self.config.timeout_s, name=f"mpi-{self._mt.rank}")
+        self._mt.on_error = handler.on_error
         self._hello = hello
         self._mt.start()
         self._mt.send_ctl(0, hello())

@@ -1,10 +1,13 @@
-"""The MPI progress thread of the ``mpi`` transport, and the thread that runs its engine callbacks.
+"""The MPI progress thread of the ``mpi`` transport.
 
 Every MPI call the transport makes runs on one :class:`MpiThread` per process: it sends and receives
 the framed control messages on ``COMM_WORLD`` (tag :data:`CTRL_TAG`), creates group communicators
 (tag :data:`GROUP_TAG`), and tests outstanding requests, which is also what makes MPI progress.
-Engine callbacks run on :class:`Events` instead, so a callback that posts more work never blocks
-MPI progress. Both threads are stopped at interpreter exit, before mpi4py finalizes MPI.
+It never runs engine code: on the publisher it puts events into the engine's queue (which only
+enqueues), on a receiver into the ordered delivery (:mod:`.delivery`). An exception in the
+transport's code on this thread goes to ``on_error`` (the engine's), so it fails the version it
+belongs to instead of being logged and forgotten. The thread is stopped at interpreter exit, before
+mpi4py finalizes MPI.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class MpiThread:
         self._reqs: list[Any] = []
         self._req_pending: list[EventPending] = []
         self.tickers: list[Callable[[], None]] = []
+        self.on_error: Optional[Callable[[BaseException, str], None]] = None
+        """Where an exception on this thread goes (the engine's ``on_error``); set before ``start``."""
         self._thread = threading.Thread(target=self._run, name=f"hotweights-mpi-{name}", daemon=True)
         _live.add(self)
 
@@ -155,8 +160,10 @@ class MpiThread:
                     next_tick = time.monotonic() + TICK_S
                     for tick in self.tickers:
                         tick()
-            except Exception:  # noqa: BLE001 - keep the progress thread alive; the error is logged
-                log.exception("mpi transport progress thread error")
+            except Exception as exc:  # noqa: BLE001 - handed to the engine; MPI progress must go on
+                if self.on_error is None:
+                    raise
+                self.on_error(exc, "the mpi transport's progress thread")
             now = time.monotonic()
             if busy:
                 last_busy = now
@@ -198,52 +205,4 @@ class MpiThread:
             group.Free()
 
 
-class Events:
-    """Runs engine callbacks in order on their own thread, plus a tick every TICK_S."""
-
-    def __init__(self, name: str, tick: Optional[Callable[[], None]] = None):
-        self._q: queue.Queue = queue.Queue()
-        self._tick = tick
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"hotweights-mpi-events-{name}", daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable, *args: Any) -> None:
-        self._q.put((fn, args))
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._q.put(None)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        next_tick = time.monotonic() + TICK_S
-        while not self._stop.is_set():
-            try:
-                item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = ()
-            while item:  # everything already queued (heartbeats included) goes before the next tick
-                fn, args = item
-                self._safe(fn, *args)
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    item = ()
-            if item is None:
-                return
-            if self._tick is not None and time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + TICK_S
-                self._safe(self._tick)
-
-    @staticmethod
-    def _safe(fn: Callable, *args: Any) -> None:
-        # One failing callback must not stop the ones after it (every receiver would stall).
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - logged with traceback
-            log.exception("mpi transport callback %s failed", getattr(fn, "__name__", fn))
-
-
-__all__ = ["CTRL_TAG", "GROUP_TAG", "Events", "MpiThread", "load_mpi"]
+__all__ = ["CTRL_TAG", "GROUP_TAG", "MpiThread", "load_mpi"]

@@ -6,9 +6,10 @@ when it is applied (zero-copy staging). One block holds one bucket; blocks are p
 reused across versions, because first-touch page faults are many times slower than a copy.
 
 A block is reused only after every receiver released the version that used it and that version is
-no longer the current one (late joiners read the current version from its blocks). Block names embed
-the publisher's pid (``hwt.NAME.PID.SEQ``): a new publisher, or a receiver that saw its publisher
-die, unlinks blocks of dead publishers, so SIGKILL leaves nothing behind in ``/dev/shm``.
+no longer the current one (late joiners read the current version from its blocks). Block names record
+their owner (:mod:`.shm_blocks`): the publisher unlinks its blocks on close or at interpreter exit,
+and after SIGKILL or ``os._exit`` the next hotweights process that starts, or a receiver that saw
+its publisher die, reclaims them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import errno
 import logging
 import mmap
 import os
-import re
 import socket
 import sys
 import threading
@@ -30,6 +30,7 @@ from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportSta
 from ..control.handles import sign_handle, verify_handle
 from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .endpoint import Endpoint
+from .shm_blocks import block_name, parse_block_name, pid_alive, reclaim_dead_blocks
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX platforms
     _posixshmem = None
 
-_SHM_DIR = "/dev/shm"
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _BLOCK_ALIGN = 2 << 20
 
@@ -48,10 +48,6 @@ def _require_posix() -> None:
         raise TransportUnavailableError("the shm transport needs POSIX shared memory (Linux or macOS)")
 
 
-def block_prefix(name: str) -> str:
-    return f"hwt.{name}."
-
-
 def control_address(name: str) -> str | bytes:
     """Where the publisher listens: an abstract Unix socket on Linux (no file to clean up)."""
     if sys.platform.startswith("linux"):
@@ -59,53 +55,6 @@ def control_address(name: str) -> str | bytes:
     import tempfile
 
     return os.path.join(tempfile.gettempdir(), f"hotweights-{name}.sock")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process that nobody reaped yet is a zombie: dead for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
-def cleanup_stale_blocks(name: str) -> list[str]:
-    """Unlink shm blocks of ``shm://name`` whose publisher process no longer exists."""
-    if _posixshmem is None or not os.path.isdir(_SHM_DIR):
-        return []
-    prefix = block_prefix(name)
-    removed = []
-    for entry in os.listdir(_SHM_DIR):
-        if not entry.startswith(prefix):
-            continue
-        parts = entry[len(prefix):].split(".")
-        if len(parts) != 2 or not parts[0].isdigit() or _pid_alive(int(parts[0])):
-            continue
-        try:
-            _posixshmem.shm_unlink("/" + entry)
-            removed.append(entry)
-        except FileNotFoundError:
-            pass  # someone else cleaned it first
-    if removed:
-        log.info("removed %d shared-memory block(s) left by dead publishers of shm://%s", len(removed), name)
-    return removed
-
-
-def unlink_block(shm_name: str) -> bool:
-    """Unlink one block by name (an expired handle); False when it was already gone."""
-    if _posixshmem is None or not _HANDLE.match(shm_name):
-        return False
-    try:
-        _posixshmem.shm_unlink("/" + shm_name)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _handle_parts(endpoint: Endpoint, msg: dict[str, Any]) -> tuple:
@@ -182,7 +131,7 @@ class ShmPublisher(ServedPublisher):
         self._in_use_bytes = 0
 
     def start(self, handler: PublisherHandler) -> None:
-        cleanup_stale_blocks(self.endpoint.name)
+        reclaim_dead_blocks(self.endpoint.name)  # a dead predecessor's (the factory sweeps every name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = control_address(self.endpoint.name)
         try:
@@ -194,7 +143,7 @@ class ShmPublisher(ServedPublisher):
                     f"another publisher already serves {self.endpoint}; use another name or close it") from None
             raise
         sock.listen(128)
-        self._server = ControlServer(sock, handler=handler, timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes,
                                      name=self.endpoint.name)
         self._server.start()
@@ -212,7 +161,7 @@ class ShmPublisher(ServedPublisher):
                 size = full if full >= nbytes >= self.config.bucket_bytes // 2 else nbytes
                 size = -(-size // _BLOCK_ALIGN) * _BLOCK_ALIGN
                 self._seq += 1
-                shm_name = f"{block_prefix(self.endpoint.name)}{os.getpid()}.{self._seq}"
+                shm_name = block_name(self.endpoint.name, self._seq)
                 block = _Block(shm_name, size)
                 self._all[shm_name] = block
                 log.debug("created shm block %s (%d MiB)", shm_name, size >> 20)
@@ -276,9 +225,6 @@ class ShmPublisher(ServedPublisher):
         return self._stats
 
 
-_HANDLE = re.compile(r"^hwt\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<seq>\d+)$")
-
-
 class ShmReceiver(ClientReceiver):
     name: ClassVar[str] = "shm"
 
@@ -309,7 +255,8 @@ class ShmReceiver(ClientReceiver):
 
         self._client = ControlClient(
             connect, hello=hello, on_connected=lambda: handler.on_connected({}),
-            on_frame=self._on_frame, on_lost=self._on_lost, timeout_s=self.config.timeout_s,
+            on_frame=self._on_frame, on_lost=self._on_lost, on_error=handler.on_error,
+            timeout_s=self.config.timeout_s,
             max_message_bytes=self.config.max_message_bytes, name=self.endpoint.name)
         self._client.start()
 
@@ -354,13 +301,13 @@ class ShmReceiver(ClientReceiver):
 
     def _cleanup_if_publisher_dead(self) -> None:
         pid = self._publisher_pid
-        if pid is not None and not _pid_alive(pid):
-            cleanup_stale_blocks(self.endpoint.name)
+        if pid is not None and not pid_alive(pid):
+            reclaim_dead_blocks(self.endpoint.name)
             self._publisher_pid = None
 
     def _view(self, handle: str, offset: int, length: int) -> memoryview:
-        m = _HANDLE.match(handle)
-        if m is None or m.group("name") != self.endpoint.name:
+        parsed = parse_block_name(handle)
+        if parsed is None or parsed.endpoint != self.endpoint.name:
             raise WireFormatError(f"bucket handle {handle!r} does not belong to {self.endpoint}")
         mem = self._maps.get(handle)
         if mem is None:

@@ -53,7 +53,7 @@ from ..errors import (EndpointError, PeerLostError, SyncTimeoutError,
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBuffer, HostBufferPool, ReceivePool
-from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedHooks, ServedPublisher
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -146,7 +146,7 @@ class TorchPublisher(ServedPublisher):
         except Exception as exc:  # noqa: BLE001 - any store failure means we cannot serve; say why
             sock.close()
             raise TransportUnavailableError(f"torch transport: cannot host a TCPStore on {store_host}: {exc}") from exc
-        self._server = ControlServer(sock, handler=ServedHooks(self, handler), timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=str(self.endpoint.port))
         self._server.start()
         log.info("torch transport listening on %s (store port %d, chunk %d MiB, prefetch %s, backends here: %s)",
@@ -350,8 +350,8 @@ class TorchPublisher(ServedPublisher):
         self.send(group.rids, {"op": "tx", "kind": "ungroup", "epoch": group.epoch})
         retire_pg(group.pg)
 
-    # ---------------------------------------------------------------- control hooks
-    def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
+    # ---------------------------------------------------------------- control hooks (control thread)
+    def admit(self, rid: str, hello: dict[str, Any]) -> bool:
         tx = hello.get("tx") if isinstance(hello.get("tx"), dict) else {}
         if tx.get("transport") != "torch":
             log.error("receiver %s uses transport %r but this publisher uses torch (set HOTWEIGHTS_TRANSPORT "
@@ -364,10 +364,10 @@ class TorchPublisher(ServedPublisher):
         self._caps[rid] = caps
         return True
 
-    def _on_tick(self) -> None:
+    def housekeep(self) -> None:
         self._reap()
 
-    def _on_lost(self, rid: str) -> None:
+    def forget(self, rid: str) -> None:
         self._caps.pop(rid, None)
         with self._lock:
             for key, g in list(self._groups.items()):
@@ -407,6 +407,7 @@ class TorchReceiver(ClientReceiver):
         self._client = ControlClient(
             connect, hello=lambda: {**hello(), "tx": {"transport": "torch", "backends": self._backends}},
             on_connected=lambda: delivery.connected({}), on_frame=self._on_frame, on_lost=self._on_lost,
+            on_error=handler.on_error,
             timeout_s=self.config.timeout_s, max_message_bytes=self.config.max_message_bytes,
             name=f"torch-{self.endpoint.port}")
         self._client.start()

@@ -31,7 +31,7 @@ from ..errors import EndpointError, PeerLostError, WireFormatError
 from . import tcp
 from .base import (BucketBuffer, PublisherHandler, ReceiverHandler, TransportStats)
 from .buffers import HostBufferPool, ReceivePool, numpy_view
-from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedHooks, ServedPublisher
+from .control_channel import ClientReceiver, ControlClient, ControlServer, ServedPublisher
 from .delivery import EventPending, OrderedDelivery
 from .endpoint import Endpoint
 from .meter import TransportMeter
@@ -113,7 +113,7 @@ class UcxPublisher(ServedPublisher):
 
     def start(self, handler: PublisherHandler) -> None:
         sock = tcp.listen(self.endpoint)
-        self._server = ControlServer(sock, handler=ServedHooks(self, handler), timeout_s=self.config.timeout_s,
+        self._server = ControlServer(sock, transport=self, events=handler, timeout_s=self.config.timeout_s,
                                      max_message_bytes=self.config.max_message_bytes, name=str(self.endpoint.port))
         self._pump.start()
         self._server.start()
@@ -197,7 +197,7 @@ class UcxPublisher(ServedPublisher):
                     break
                 peers = list(self._peers.values())
             for peer in peers:
-                with self._lock:  # _on_lost may fail the same peer from the control thread
+                with self._lock:  # forget() may fail the same peer from the control thread
                     try:
                         self._pump_peer(peer, concurrency)
                     except Exception as exc:  # noqa: BLE001 - one peer's failure must not stop the others
@@ -275,8 +275,8 @@ class UcxPublisher(ServedPublisher):
         if not quiet:
             self.drop(peer.rid, reason)
 
-    # ---------------------------------------------------------------- control hooks
-    def _on_join(self, rid: str, hello: dict[str, Any]) -> bool:
+    # ---------------------------------------------------------------- control hooks (control thread)
+    def admit(self, rid: str, hello: dict[str, Any]) -> bool:
         tx = hello.get("tx") if isinstance(hello.get("tx"), dict) else {}
         chosen = tx.get("transport")
         if chosen != "ucx":
@@ -308,10 +308,10 @@ class UcxPublisher(ServedPublisher):
             self._peers[rid] = _Peer(rid, host, port, ep, secrets.randbits(_SALT_BITS))
         return True
 
-    def _on_tick(self) -> None:
+    def housekeep(self) -> None:
         self._meter.refresh()
 
-    def _on_lost(self, rid: str) -> None:
+    def forget(self, rid: str) -> None:
         with self._lock:
             peer = self._peers.pop(rid, None)
             if peer is not None:
@@ -381,7 +381,8 @@ class UcxReceiver(ClientReceiver):
 
         self._client = ControlClient(
             connect, hello=full_hello, on_connected=lambda: delivery.connected({}), on_frame=self._on_frame,
-            on_lost=delivery.lost, timeout_s=self.config.timeout_s, max_message_bytes=self.config.max_message_bytes,
+            on_lost=delivery.lost, on_error=handler.on_error,
+            timeout_s=self.config.timeout_s, max_message_bytes=self.config.max_message_bytes,
             name=f"ucx-{self.endpoint.port}")
         self._client.start()
 

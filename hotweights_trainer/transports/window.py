@@ -1,5 +1,8 @@
 """The in-flight window and backpressure shared by every transport that pipelines buckets.
 
+Its settings are the ``window`` section of ``SyncConfig`` (flat names ``ipc_*``, a historical prefix:
+they drive cuda_ipc, torch, mpi and ucx alike).
+
 Two pieces, so the policy can be unit tested without threads:
 
 ``InflightWindow`` -- a small pure controller (no threads, no clock, no I/O). The transport asks
@@ -83,10 +86,12 @@ class InflightWindow:
 
     @classmethod
     def from_config(cls, cfg: SyncConfig, *, base: Optional[int] = None) -> "InflightWindow":
-        """The window the ``HOTWEIGHTS_IPC_*`` knobs describe; ``base`` overrides the starting window."""
-        return cls(window=base if base is not None else cfg.ipc_inflight_buckets,
-                   max_bytes=cfg.ipc_inflight_bytes, adapt=cfg.ipc_adapt, target_ms=cfg.ipc_target_bucket_ms,
-                   min_inflight=cfg.ipc_min_inflight, max_inflight=cfg.ipc_max_inflight)
+        """The window ``cfg.window`` (the ``HOTWEIGHTS_IPC_*`` knobs) describes; ``base`` overrides the
+        starting window (mpi passes ``mpi_window``)."""
+        w = cfg.window
+        return cls(window=base if base is not None else w.inflight_buckets, max_bytes=w.inflight_bytes,
+                   adapt=w.adapt, target_ms=w.target_bucket_s * 1e3, min_inflight=w.min_inflight,
+                   max_inflight=w.max_inflight)
 
     def can_admit(self, nbytes: int) -> bool:
         if self.inflight_buckets == 0:

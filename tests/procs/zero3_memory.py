@@ -1,7 +1,7 @@
 """ZeRO-3 push on two real ranks: bucket-sized gathers vs gathering the whole model, peak memory of each.
 
 Run by tests/test_deepspeed.py as ``torchrun --nproc_per_node 2 tests/procs/zero3_memory.py ...`` with
-``MALLOC_MMAP_THRESHOLD_`` set (see hotweights_trainer.memprobe). Every rank prints one line
+``MALLOC_MMAP_THRESHOLD_`` set (see tests/procs/memprobe.py). Every rank prints one line
 ``RESULT {json}``. With ``--receiver`` the script is instead the inference process: it follows the
 endpoint and prints ``{"version", "digest"}`` per applied version.
 """
@@ -43,8 +43,8 @@ def trainer(args: argparse.Namespace) -> int:
     from hotweights_trainer import SyncConfig
     from hotweights_trainer.integrations import gather
     from hotweights_trainer.integrations.deepspeed import attach
-    from hotweights_trainer.memprobe import PeakMemory
     from hotweights_trainer.verify import combined_digest, weights_digest
+    from tests.procs.memprobe import PeakMemory, watch_gathers
     from tests.procs.spawn import Proc
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -71,9 +71,8 @@ def trainer(args: argparse.Namespace) -> int:
     engine.backward(engine(x).pow(2).mean())
     engine.step()  # hooked: pushes version 1 (also warms buffers and shared memory)
 
-    seen: list[gather.ShardedSource] = []
     probes: list[PeakMemory] = []
-    gather.GATHER_HOOKS.append(lambda src: (seen.append(src), [p.probe() for p in probes]))
+    seen = watch_gathers(lambda: [p.probe() for p in probes])
     ours = PeakMemory()
     probes.append(ours)
     with ours:

@@ -1,7 +1,7 @@
 """LoRA merged sync under DeepSpeed ZeRO-3 on two real ranks: bit-exact, memory bounded by buckets.
 
 Run by tests/test_peft.py as ``torchrun --nproc_per_node 2 tests/procs/zero3_peft.py ...`` with
-``MALLOC_MMAP_THRESHOLD_`` set (see hotweights_trainer.memprobe). Rank 0 starts two plain-Llama
+``MALLOC_MMAP_THRESHOLD_`` set (see tests/procs/memprobe.py). Rank 0 starts two plain-Llama
 receivers (tests/procs/peft_receiver.py): one follows the pushes ``attach`` makes after each step
 (delta sync, default auto), one a dense push whose peak memory is measured. The reference is peft's
 own ``merge_and_unload()`` of an unsharded copy of the gathered model. Every rank prints one line
@@ -60,7 +60,7 @@ def main() -> int:
     from hotweights_trainer.integrations import gather
     from hotweights_trainer.integrations.deepspeed import attach
     from hotweights_trainer.integrations.pusher import StepPusher
-    from hotweights_trainer.memprobe import PeakMemory
+    from tests.procs.memprobe import PeakMemory, watch_gathers
     from tests.procs.peft_models import llama, with_lora
     from tests.procs.spawn import Proc
 
@@ -100,9 +100,8 @@ def main() -> int:
             delta_versions.append(got.get("version"))
             delta_exact.append(got.get("digests", {}).get("all") == expected)
 
-    seen: list = []
     probes: list = []
-    gather.GATHER_HOOKS.append(lambda src: (seen.append(src), [p.probe() for p in probes]))
+    seen = watch_gathers(lambda: [p.probe() for p in probes])
     ours = PeakMemory()
     probes.append(ours)
     with ours:

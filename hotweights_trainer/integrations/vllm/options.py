@@ -31,7 +31,6 @@ field name          (``timeout_s``, ``delta``, ...); the environment gives the r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -76,7 +75,7 @@ def parse_init_info(info: Any, environ: Optional[Mapping[str, str]] = None) -> I
     problems: list[str] = []
     if not isinstance(endpoint, str) or not endpoint:
         problems.append(f"hotweights init_info needs 'endpoint' (e.g. 'shm://policy'), got {endpoint!r}")
-    known = {f.name for f in dataclasses.fields(SyncConfig)}
+    known = set(SyncConfig.field_names())
     overrides = {k: v for k, v in info.items() if k != "endpoint" and k not in LORA_KEYS}
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:

@@ -1,5 +1,7 @@
 """Peak extra memory of this process while a block runs (Linux), for tests and benchmarks.
 
+Instrumentation, not part of the package: the ZeRO-3 memory tests and ``bench/bench_zero3.py`` use it.
+
 Method: ``RssAnon`` from ``/proc/self/status`` (anonymous resident memory, i.e. heap and tensors;
 shared-memory buckets are not included) is read before the block, by a background thread about every
 ``interval_s`` during it, and at every :meth:`PeakMemory.probe` call placed where the peak is
@@ -13,8 +15,9 @@ bounds.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 _FIELD = b"RssAnon:"
 
@@ -69,3 +72,29 @@ class PeakMemory:
         if self.base is None or self.peak is None:
             return 0
         return max(self.peak - self.base, 0)
+
+
+def watch_gathers(on_gather: Callable[[], None]) -> list[Any]:
+    """Call ``on_gather()`` inside every ZeRO-3 gather of this process, while the group holds its full
+    data (its peak-memory moment), and collect every ``ShardedSource`` made from now on (their
+    ``stats``). Works by wrapping the gather module's ``deepspeed_gather`` and ``sharded_source``,
+    which the package looks up when a source is made. ``on_gather`` must not run collectives."""
+    from hotweights_trainer.integrations import gather
+
+    sources: list[Any] = []
+    real_gather, real_source = gather.deepspeed_gather, gather.sharded_source
+
+    @contextlib.contextmanager
+    def gathered(tensors):
+        with real_gather(tensors) as value:
+            on_gather()
+            yield value
+
+    def source(*args, **kwargs):
+        made = real_source(*args, **kwargs)
+        sources.append(made)
+        return made
+
+    gather.deepspeed_gather = gathered
+    gather.sharded_source = source
+    return sources
