@@ -15,10 +15,11 @@ from typing import Any
 
 from .config import SyncConfig
 from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, CorruptBucketError, EndpointError,
-                     FencedError, HotweightsError, InferenceUpdateError, KVCacheError, KVMigrationError,
-                     ManifestMismatchError, MetricsError, NotLeaderError, OptimizerPolicyError, PeerLostError,
-                     PeftModeError, RelayError, ShardingMismatchError, SidecarError, SyncTimeoutError,
-                     TransportUnavailableError, UnsupportedAdapterError, VersionAbortedError, WireFormatError)
+                     EngineError, FencedError, HotweightsError, InferenceUpdateError, KVCacheError,
+                     KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError, OptimizerPolicyError,
+                     PeerLostError, PeftModeError, RelayError, ShardingMismatchError, SidecarError,
+                     SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError, VersionAbortedError,
+                     WireFormatError)
 from .publisher import PublishResult, WeightPublisher
 from .receiver import WeightReceiver
 
@@ -31,7 +32,7 @@ __all__ = [
     "TransportUnavailableError", "ClosedError", "AuthError", "ShardingMismatchError", "CoordinatorError",
     "FencedError", "NotLeaderError", "RelayError", "InferenceUpdateError", "KVMigrationError", "KVCacheError",
     "OptimizerPolicyError", "SidecarError", "MetricsError", "UnsupportedAdapterError", "PeftModeError",
-    "__version__",
+    "EngineError", "__version__",
 ]
 
 
