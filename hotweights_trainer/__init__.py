@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from .config import SyncConfig
-from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, CorruptBucketError, EndpointError,
-                     EngineError, FencedError, HotweightsError, InferenceUpdateError, KVCacheError,
-                     KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError, OptimizerPolicyError,
-                     PeerLostError, PeftModeError, RelayError, ShardingMismatchError, SidecarError,
-                     SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError, VersionAbortedError,
-                     WireFormatError)
+from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, CorruptBucketError,
+                     EndpointError, EngineError, FencedError, HotweightsError, InferenceUpdateError,
+                     KVCacheError, KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError,
+                     OptimizerPolicyError, PeerLostError, PeftModeError, RelayError, ShardingMismatchError,
+                     SidecarError, SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError,
+                     VersionAbortedError, WireFormatError)
 from .publisher import PublishResult, WeightPublisher
 from .receiver import WeightReceiver
 
