@@ -4,6 +4,9 @@ Stable public names::
 
     from hotweights_trainer import (SyncConfig, WeightPublisher, WeightReceiver, PublishResult,
                                     HotweightsCallback, HotweightsError)
+
+Every error class of :mod:`hotweights_trainer.errors` is exported here too, so callers can catch
+what they receive (``ClosedError``, ``AuthError``, ``ShardingMismatchError``, ...) by its own name.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from .config import SyncConfig
-from .errors import (ConfigError, CorruptBucketError, EndpointError, HotweightsError, ManifestMismatchError,
-                     PeerLostError, SyncTimeoutError, TransportUnavailableError, VersionAbortedError,
-                     WireFormatError)
+from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, CorruptBucketError,
+                     EndpointError, EngineError, FencedError, HotweightsError, InferenceUpdateError,
+                     KVCacheError, KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError,
+                     OptimizerPolicyError, PeerLostError, PeftModeError, RelayError, ShardingMismatchError,
+                     SidecarError, SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError,
+                     VersionAbortedError, WireFormatError)
 from .publisher import PublishResult, WeightPublisher
 from .receiver import WeightReceiver
 
@@ -23,7 +29,10 @@ __all__ = [
     "SyncConfig", "WeightPublisher", "WeightReceiver", "PublishResult", "HotweightsCallback",
     "HotweightsError", "ConfigError", "EndpointError", "WireFormatError", "CorruptBucketError",
     "ManifestMismatchError", "SyncTimeoutError", "PeerLostError", "VersionAbortedError",
-    "TransportUnavailableError", "__version__",
+    "TransportUnavailableError", "ClosedError", "AuthError", "ShardingMismatchError", "CoordinatorError",
+    "FencedError", "NotLeaderError", "RelayError", "InferenceUpdateError", "KVMigrationError", "KVCacheError",
+    "OptimizerPolicyError", "SidecarError", "MetricsError", "UnsupportedAdapterError", "PeftModeError",
+    "EngineError", "__version__",
 ]
 
 

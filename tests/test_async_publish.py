@@ -193,7 +193,7 @@ def test_trainer_callback_bf16_delta(endpoint, tmp_path, async_publish):
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb, Record()])
         trainer.train()
         assert [r.step for r in cb.results] == list(range(1, steps + 1))
-        assert cb.errors == []
+        assert cb.errors == [] and cb.pusher.async_pushes == (steps if async_publish else 0)
         for r in cb.results[1:]:
             assert r.delta.delta_entries > 0 and r.bytes_sent * 4 < r.dense_bytes
         for msg in _drain(rx, steps, timeout=60):

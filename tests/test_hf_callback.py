@@ -28,7 +28,10 @@ with WeightReceiver(sys.argv[1], model=model, config=SyncConfig(timeout_s=60)) a
 """
 
 
-def test_trainer_callback_end_to_end(endpoint, tmp_path):
+@pytest.mark.parametrize("async_publish", [False, True])
+def test_trainer_callback_end_to_end(endpoint, tmp_path, async_publish):
+    """Same rules with and without async_publish: the callback pushes through the StepPusher that
+    Accelerate and DeepSpeed use, so async_publish takes effect the same way in all three."""
     require("hf")
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -44,7 +47,8 @@ def test_trainer_callback_end_to_end(endpoint, tmp_path):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
         data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(64)]
-        cb = HotweightsCallback(endpoint, every_n_steps=2, config=SyncConfig(timeout_s=60))
+        cfg = SyncConfig(timeout_s=60, async_publish=async_publish)
+        cb = HotweightsCallback(endpoint, every_n_steps=2, config=cfg)
         args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=steps,
                                  per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1,
                                  save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
@@ -57,11 +61,15 @@ def test_trainer_callback_end_to_end(endpoint, tmp_path):
         trainer.train()
         # Pushes at steps 2, 4, 6: one per every_n_steps optimizer steps, never per micro-batch.
         assert [r.step for r in cb.results] == [2, 4, 6]
-        assert [r.version for r in cb.results] == [1, 2, 3]
+        assert [r.version for r in cb.results] == [1, 2, 3] and cb.errors == []
+        assert cb.pusher.is_main and cb.pusher.async_pushes == (3 if async_publish else 0)
         logged = [h for h in trainer.state.log_history if "hotweights/version" in h]
-        assert [h["hotweights/version"] for h in logged] == [1, 2, 3]
-        # Delta sync (on by default) makes later pushes smaller; each logs its own byte count.
-        assert [h["hotweights/bytes"] for h in logged] == [r.bytes_sent for r in cb.results]
+        if not async_publish:  # asynchronous pushes are logged once they finished: a later log line
+            assert [h["hotweights/version"] for h in logged] == [1, 2, 3]
+            # Delta sync (on by default) makes later pushes smaller; each logs its own byte count.
+            assert [h["hotweights/bytes"] for h in logged] == [r.bytes_sent for r in cb.results]
+        else:
+            assert logged and all(h["hotweights/version"] in (1, 2, 3) for h in logged)
         final = None
         while final is None:
             msg = rx.next()

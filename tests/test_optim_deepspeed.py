@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -16,11 +17,11 @@ from tests.conftest import ROOT, child_env, free_port, require
 LR = 1e-3  # the script's learning rate: one Adam step moves a weight by at most about LR
 
 
-def run_ds(tmp_path, stage: int, cases: str) -> dict[str, dict]:
+def run_ds(tmp_path, stage: int, cases: str, *extra: str) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(ROOT / "tests" / "procs" / "ds_opt_resume.py"),
-           "--stage", str(stage), "--dir", str(tmp_path / "ckpt"), "--cases", cases]
+           "--stage", str(stage), "--dir", str(tmp_path / "ckpt"), "--cases", cases, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-5000:]}")
@@ -45,8 +46,20 @@ def moments(row: dict, flag: str) -> bool:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_with_swapped_weights(tmp_path, stage):
     require("deepspeed")
-    out = run_ds(tmp_path, stage, "reset,attenuate,preserve,reset_all,control")
+    out = run_ds(tmp_path, stage, "reset,attenuate,preserve,reset_all,control",
+                 "--push", f"shm://t-dsopt{stage}-{uuid.uuid4().hex[:8]}")
     backend = "deepspeed-zero3" if stage == 3 else "deepspeed-zero12"
+
+    # attach() honours async_publish: the pushes went through the background publisher. A boundary
+    # reached while the previous push was still out is skipped (staleness_policy=skip), but the final
+    # push, entered by every rank and sent by rank 0 only if step 3 was skipped, always carries step 3
+    # and never leaves a ZeRO-3 gather waiting.
+    push = out["push"]
+    steps = push["pushed_steps"]
+    assert push["errors"] == 0 and push["final"] and steps[-1] == 3 and steps == sorted(set(steps))
+    assert push["async_pushes"] == len(steps) and push["versions"] == list(range(1, len(steps) + 1))
+    # preserve needs no sidecar; the callback skips it where it would gather every parameter (ZeRO-3).
+    assert push["sidecar_written"] == {"preserve": stage != 3, "reset": True}
 
     reset = out["reset"]
     assert reset["report"]["backend"] == backend

@@ -17,14 +17,14 @@ import torch
 
 from .. import metrics
 from ..config import SyncConfig
-from ..errors import HotweightsError, WireFormatError
+from ..errors import ConfigError, HotweightsError, WireFormatError
+from ..receive.shadow import ShadowStore
 from ..receive.staging import StagedVersion
 from ..transports.base import PublisherTransport
 from ..wire.bucket import FLAG_RESYNC, BucketHeader
 from ..wire.packer import PlannedBucket
 from .encoder import DeltaEncoder, DeltaStats
 from .resync import ResyncServer
-from ..receive.shadow import ShadowStore
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,43 @@ class PublisherDelta:
         self.resync.close(self._timeout)
 
 
+def delta_unavailable(transport: Any) -> Optional[str]:
+    """Why ``transport`` (a publisher transport or its class) cannot carry delta sync; None if it can."""
+    if not getattr(transport, "supports_delta", True):
+        return (f"the {transport.name} transport keeps buckets in device memory and delta sync encodes on "
+                "the host")
+    if not transport.addressable:
+        return (f"delta sync needs a transport that can address one receiver (for resyncs) and "
+                f"{transport.name} cannot")
+    return None
+
+
+_warned_dense: set[str] = set()  # one warning per transport and process, not one per publisher
+
+
 def make_publisher_delta(config: SyncConfig, transport: PublisherTransport, *, session: int,
                          endpoint_label: str) -> Optional[PublisherDelta]:
+    """The publisher's delta hooks, or None when versions go dense.
+
+    Delta sync that cannot run on the chosen transport is never dropped in silence: ``delta="always"``
+    is refused with a ``ConfigError``; under the default ``auto`` a warning says so once per process,
+    naming the transport and whether auto-selection chose it (the usual way to land on ``cuda_ipc``).
+    """
     if config.delta == "off":
         return None
-    if not getattr(transport, "supports_delta", True):
-        log.info("the %s transport keeps buckets in device memory; delta sync encodes on the host, so versions "
-                 "are sent dense", transport.name)
-        return None
-    if not transport.addressable:
-        log.info("delta sync needs a transport that can address one receiver (for resyncs); %s cannot, "
-                 "so versions are sent dense", transport.name)
-        return None
-    return PublisherDelta(config, transport, session=session, endpoint_label=endpoint_label)
+    why = delta_unavailable(transport)
+    if why is None:
+        return PublisherDelta(config, transport, session=session, endpoint_label=endpoint_label)
+    chosen = " (chosen by transport auto-selection)" if config.transport == "auto" else ""
+    if config.delta == "always":
+        transport.close()  # not started yet, and the publisher that would own it is never built
+        raise ConfigError(f"delta='always' cannot take effect on {transport.name}{chosen}: {why}; set "
+                          "delta='auto' or 'off', or a transport that takes deltas (transport='shm')")
+    if transport.name not in _warned_dense:
+        _warned_dense.add(transport.name)
+        log.warning("delta sync is off on %s%s, every version is sent dense: %s. Set transport='shm' to keep "
+                    "delta sync, or delta='off' to choose dense explicitly", transport.name, chosen, why)
+    return None
 
 
 class ReceiverDelta:

@@ -17,7 +17,9 @@ Inside gradient accumulation (``accelerator.sync_gradients`` false) and after a 
 precision skipped, nothing is pushed. DDP and ``torch.compile`` wrappers are peeled off. Under
 DeepSpeed (``accelerate launch`` with a DeepSpeed config) every rank takes part, ZeRO-3 included;
 the global main rank comes from ``torch.distributed``, because Accelerate then reports process 0 on
-every rank.
+every rank. Pushes go through the same :class:`~.pusher.StepPusher` as the HF Trainer callback's, so
+``async_publish`` (snapshot at the step boundary, send while the next step trains) works here too.
+``vllm=`` with ``peft_mode="adapter"`` needs ``model=`` (the PeftModel), or it is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class AccelerateSync(StepPusher):
     """Weight sync for a loop driven by an ``accelerate.Accelerator``. Create it on every rank."""
 
     def __init__(self, accelerator: Any, endpoint: str, every_n_steps: int = 1,
-                 config: Optional[SyncConfig] = None, vllm: Any = None):
+                 config: Optional[SyncConfig] = None, vllm: Any = None, model: Any = None):
         try:
             from accelerate import Accelerator
         except ImportError as exc:  # pragma: no cover - exercised only without the hf extra
@@ -50,7 +52,8 @@ class AccelerateSync(StepPusher):
             # local shards would only end in a manifest mismatch on every receiver.
             raise HotweightsError("AccelerateSync does not support FSDP yet; use DeepSpeed ZeRO-3 or DDP")
         self.accelerator = accelerator
-        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm)
+        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm,
+                         model=None if model is None else self._unwrap(model))
         self.skipped_steps = 0
         """Steps that mixed precision skipped (gradient overflow): weights did not change, no push."""
         self._wrapped: list[Any] = []

@@ -13,7 +13,8 @@ Call ``attach`` on every rank. ``engine.step()`` runs once per micro-batch; the 
 (and a push may happen) only at accumulation boundaries, and not when fp16 skipped the step for
 overflow. Under ZeRO-1/2 every rank holds full parameters and the main rank sends them; under ZeRO-3
 every rank joins the bucket-sized gathers (see :mod:`hotweights_trainer.integrations.gather`), so no
-rank ever holds much more than one bucket on top of its shard.
+rank ever holds much more than one bucket on top of its shard. Pushes go through the same
+:class:`~.pusher.StepPusher` as the HF Trainer callback's, ``async_publish`` included.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class DeepSpeedSync(StepPusher):
             raise HotweightsError(f"attach() needs a deepspeed.DeepSpeedEngine, got {type(engine).__name__}")
         if "step" in vars(engine):
             raise HotweightsError("this engine's step() is already hooked (attach() was called twice?)")
-        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm)
+        super().__init__(endpoint, every_n_steps=every_n_steps, config=config, vllm=vllm, model=engine.module)
         self.engine = engine
         self.skipped_steps = 0
         """Boundary steps that fp16 skipped for overflow: weights did not change, no push."""

@@ -1,9 +1,11 @@
 """``HotweightsCallback``: publish weights from a Hugging Face ``Trainer`` after optimizer steps.
 
-Add it with ``Trainer(..., callbacks=[HotweightsCallback("shm://policy")])``. Every rank may run it:
-only the global main process creates the publisher and sends. It publishes in ``on_step_end`` (after
-the optimizer step, so never inside gradient accumulation) every ``every_n_steps`` global steps, and
-the final weights in ``on_train_end``. ``hotweights/version``, ``hotweights/sync_seconds`` and
+Add it with ``Trainer(..., callbacks=[HotweightsCallback("shm://policy")])``. Every rank may run it.
+It pushes through the same :class:`~hotweights_trainer.integrations.pusher.StepPusher` as Accelerate
+and DeepSpeed, so the rank that sends is the same everywhere: ``torch.distributed`` rank 0 (not the
+Trainer's ``is_world_process_zero``; the pusher's docstring says why). It publishes in ``on_step_end``
+(after the optimizer step, so never inside gradient accumulation) every ``every_n_steps`` global
+steps, and the final weights in ``on_train_end``. ``hotweights/version``, ``hotweights/sync_seconds`` and
 ``hotweights/bytes`` are added to the Trainer's logs.
 
 Start and end of a run: with ``min_receivers`` (``HOTWEIGHTS_MIN_RECEIVERS``) the first push waits
@@ -11,7 +13,8 @@ for that many inference processes, so a run shorter than their start-up does not
 closing the publisher in ``on_train_end`` keeps serving the final version (``linger_s``) to
 receivers that do not have it yet.
 
-Resumed runs: each checkpoint the Trainer saves gets a weights sidecar (``on_save``). When training
+Resumed runs: each checkpoint the Trainer saves gets a weights sidecar (``on_save``; not for a ZeRO-3
+model under ``opt_policy="preserve"``, which needs none). When training
 resumes from it, the parameters whose bytes differ from the sidecar count as updated, and
 ``opt_policy`` (preserve / reset / attenuate; default ``HOTWEIGHTS_OPT_POLICY``) is applied once to their
 optimizer state in ``on_train_begin``, after the Trainer loaded it (see ``hotweights_trainer.optim``).
@@ -27,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from ..config import SyncConfig
-from ..errors import ConfigError, HotweightsError, missing_dependency
 from ..async_publisher import AsyncPublisher
+from ..config import SyncConfig
+from ..errors import HotweightsError, missing_dependency
 from ..publisher import PublishResult, WeightPublisher
-from .gather import finish
+from .pusher import StepPusher, check_every_n, global_rank
 
 try:
     from transformers import TrainerCallback
@@ -47,73 +50,69 @@ class HotweightsCallback(TrainerCallback):
     def __init__(self, endpoint: str, *, every_n_steps: int = 1, config: Optional[SyncConfig] = None,
                  close_on_train_end: bool = True, opt_policy: Optional[str] = None,
                  opt_attenuation: Optional[float] = None, vllm: Any = None):
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ConfigError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.endpoint = endpoint
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_every_n(every_n_steps)
         self.config = config if config is not None else SyncConfig.from_env()
         self.close_on_train_end = close_on_train_end
         self.vllm = vllm
         """An ``LLM``, a ``vllm serve`` URL or a ``VLLMUpdater`` that loads every published version."""
-        self.publisher: Optional[WeightPublisher] = None
-        self.async_publisher: Optional[AsyncPublisher] = None
-        self.last_result: Optional[PublishResult] = None
+        self.pusher: Optional[StepPusher] = None
+        """The push path shared with Accelerate and DeepSpeed; created in ``on_train_begin``."""
         self.results: list[PublishResult] = []
         self.errors: list[HotweightsError] = []
-        self._last_step: Optional[int] = None
+        self._logged = 0
         self._unlogged: dict[str, float] = {}
         self._init_opt_policy(opt_policy, opt_attenuation)
 
-    # ---------------------------------------------------------------- rank handling
-    @staticmethod
-    def _is_main(state: Any) -> bool:
-        return bool(getattr(state, "is_world_process_zero", True))
+    # ---------------------------------------------------------------- the pusher
+    @property
+    def publisher(self) -> Optional[WeightPublisher]:
+        """The main rank's publisher while training runs (None elsewhere)."""
+        return self.pusher.publisher if self.pusher is not None else None
 
-    def _ensure_publisher(self, model: Any = None) -> WeightPublisher:
-        if self.publisher is None:
-            self.publisher = WeightPublisher(self.endpoint, config=self.config)
-            if self.vllm is not None:
-                from .vllm.attach import attach_vllm
+    @property
+    def async_publisher(self) -> Optional[AsyncPublisher]:
+        return self.pusher.async_publisher if self.pusher is not None else None
 
-                # The model decides the form: a PeftModel with peft_mode=adapter is served as LoRA adapters.
-                self.vllm = attach_vllm(self.publisher, self.vllm, self.config, model=model)
-        return self.publisher
+    @property
+    def last_result(self) -> Optional[PublishResult]:
+        return self.results[-1] if self.results else None
 
-    def tensors(self, model: Any, state: Any) -> Optional[Iterable]:
-        """What to publish from ``model``. Runs on every rank; returns None on ranks that don't send.
-
-        Sharded models (DeepSpeed ZeRO-3) need every rank to take part in gathering, so this is the
-        hook the DeepSpeed integration extends; for ordinary models only the main rank returns them.
-        """
-        from .gather import publish_source
-
-        return publish_source(model, is_main=self._is_main(state), bucket_bytes=self.config.bucket_bytes,
-                              peft_mode=self.config.peft_mode)
+    def _ensure_pusher(self, model: Any) -> StepPusher:
+        if self.pusher is None or self.pusher.closed:
+            # Every push of every run of this callback lands in the same results and errors.
+            self.pusher = StepPusher(self.endpoint, every_n_steps=self.every_n_steps, config=self.config,
+                                     vllm=self.vllm, start=False)
+            self.pusher.results, self.pusher.errors = self.results, self.errors
+        # The model decides the form: a PeftModel with peft_mode=adapter is served as LoRA adapters.
+        self.pusher.start(model)
+        if self.pusher.vllm is not None:
+            self.vllm = self.pusher.vllm
+        return self.pusher
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._apply_opt_policy_on_resume(args, state, kwargs.get("model"), kwargs.get("optimizer"))
-        if self._is_main(state):
-            self._ensure_publisher(kwargs.get("model"))  # receivers can connect before the first step
+        self._ensure_pusher(kwargs.get("model"))  # receivers can connect before the first step
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None and state.global_step % self.every_n_steps == 0:
-            self._push(model, state)
+        if model is not None:
+            self._ensure_pusher(model).step_reached(model, int(state.global_step))
+            self._note_results()
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         try:
-            final_skipped = (self.async_publisher is not None
-                             and self.async_publisher.last_submitted_step != state.global_step)
-            if model is not None and (self._last_step != state.global_step or final_skipped):
-                self._push(model, state, final=True)
-            if self.async_publisher is not None:
-                self._guard(state.global_step, self.async_publisher.flush)
-                self._collect_async()
+            if model is not None:
+                self._ensure_pusher(model).push_final(model, step=int(state.global_step))
+            elif self.pusher is not None:
+                self.pusher.flush()
         finally:
+            self._note_results()
             if self.close_on_train_end:
                 self.close()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+        self._note_results()
         if logs is None or not self._unlogged:
             return
         logs.update(self._unlogged)
@@ -122,77 +121,20 @@ class HotweightsCallback(TrainerCallback):
             history[-1].update(self._unlogged)
         self._unlogged = {}
 
-    # ---------------------------------------------------------------- push
-    def _push(self, model: Any, state: Any, final: bool = False) -> None:
-        step = int(state.global_step)
-        self._last_step = step
-        if self.config.async_publish:
-            self._push_async(model, state, step, final)
-            return
-        source = None
-        try:
-            source = self.tensors(model, state)
-            if source is None:
-                return
-            result = self._ensure_publisher(model).publish(source, step=step)
-        except HotweightsError as exc:
-            self.errors.append(exc)
-            if self.config.on_error == "raise":
-                raise
-            log.warning("weight push at step %d failed (on_error=warn, training continues): %s", step, exc)
-            return
-        finally:
-            finish(source)  # a ZeRO-3 gather stopped by an error still completes on every rank
-        self._record(result)
-
-    def _push_async(self, model: Any, state: Any, step: int, final: bool) -> None:
-        def submit() -> None:
-            source = self.tensors(model, state)
-            if source is None:
-                return
-            try:
-                if self.async_publisher is None:
-                    self.async_publisher = AsyncPublisher(self._ensure_publisher(model), config=self.config)
-                self.async_publisher.submit(source, step=step, force=final)  # snapshots (gathers) now
-            finally:
-                finish(source)  # a ZeRO-3 gather stopped by an error still completes on every rank
-
-        self._guard(step, submit)
-        self._collect_async()
-
-    def _guard(self, step: int, fn: Any) -> None:
-        try:
-            fn()
-        except HotweightsError as exc:
-            self.errors.append(exc)
-            if self.config.on_error == "raise":
-                raise
-            log.warning("weight push at step %d failed (on_error=warn, training continues): %s", step, exc)
-
-    def _collect_async(self) -> None:
-        apub = self.async_publisher
-        if apub is None:
-            return
-        for result in apub.results[len(self.results):]:
-            self._record(result)
-        known = {id(e) for e in self.errors}
-        self.errors.extend(e for e in apub.errors if id(e) not in known and isinstance(e, HotweightsError))
-
-    def _record(self, result: PublishResult) -> None:
-        self.last_result = result
-        self.results.append(result)
-        self._unlogged = {"hotweights/version": result.version, "hotweights/sync_seconds": result.seconds,
-                          "hotweights/bytes": result.bytes_sent}
+    def _note_results(self) -> None:
+        """Queue the newest finished push (asynchronous ones finish later) for the next log line."""
+        if len(self.results) > self._logged:
+            self._logged = len(self.results)
+            result = self.results[-1]
+            self._unlogged = {"hotweights/version": result.version, "hotweights/sync_seconds": result.seconds,
+                              "hotweights/bytes": result.bytes_sent}
 
     def close(self) -> None:
-        if self.async_publisher is not None:
+        if self.pusher is not None:
             try:
-                self.async_publisher.close()
+                self.pusher.close()
             finally:
-                self.async_publisher = None
-        if self.publisher is not None:
-            self.publisher.close()
-            self.publisher = None
+                self._note_results()
 
     # ---------------------------------------------------------------- optimizer state on resume
     def _init_opt_policy(self, policy: Optional[str], attenuation: Optional[float]) -> None:
@@ -202,23 +144,35 @@ class HotweightsCallback(TrainerCallback):
             policy if policy is not None else self.config.opt_policy,
             attenuation if attenuation is not None else self.config.opt_attenuation)
         self.opt_report = None
+        self._said_no_sidecar = False
         self.resume_checkpoint: Optional[str] = None
         """Checkpoint folder a resume reads the sidecar from; by default OUTPUT_DIR/checkpoint-STEP."""
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        """Write the weights sidecar into the checkpoint the Trainer just saved (all ranks take part)."""
+        """Write the weights sidecar into the checkpoint the Trainer just saved (all ranks take part).
+
+        Not under ZeRO-3 with ``opt_policy="preserve"``: a resume then changes no optimizer state, so the
+        sidecar would only cost a gather of every parameter on every save (said once in the log)."""
         from ..optim import write_sidecar
+        from ..optim.sidecar import sidecar_needed
 
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if model is None:
             return
-        if self._is_main(state) and not os.path.isdir(folder):
+        if not sidecar_needed(model, self.opt_policy):
+            if not self._said_no_sidecar:
+                self._said_no_sidecar = True
+                log.info("opt_policy=preserve keeps every optimizer state on resume, so checkpoints of this "
+                         "ZeRO-3 model get no hotweights sidecar (it would gather every parameter on each "
+                         "save); choose opt_policy reset or attenuate to have one")
+            return
+        main = global_rank() == 0
+        if main and not os.path.isdir(folder):
             log.warning("checkpoint folder %s not found after save; no hotweights sidecar written", folder)
             return
         version = self.last_result.version if self.last_result is not None else None
         try:
-            write_sidecar(folder, model, step=int(state.global_step), version=version,
-                          is_main=self._is_main(state))
+            write_sidecar(folder, model, step=int(state.global_step), version=version, is_main=main)
         except HotweightsError as exc:
             self._opt_error(exc, f"writing the sidecar of {folder}")
 
@@ -233,6 +187,10 @@ class HotweightsCallback(TrainerCallback):
                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
         folder = next((c for c in candidates
                        if isinstance(c, str) and os.path.isfile(os.path.join(c, SIDECAR_NAME))), None)
+        if folder is None and self.opt_policy == "preserve":
+            log.info("resumed at step %d without a hotweights sidecar; opt_policy=preserve keeps the "
+                     "optimizer state as loaded", state.global_step)
+            return
         if folder is None:
             log.warning("resumed at step %d but found no hotweights sidecar (looked in %s); optimizer state "
                         "left as loaded. Set callback.resume_checkpoint to the folder resumed from.",
@@ -244,7 +202,7 @@ class HotweightsCallback(TrainerCallback):
         except HotweightsError as exc:
             self._opt_error(exc, f"applying the optimizer policy on resume from {folder}")
             return
-        if self._is_main(state):
+        if global_rank() == 0:
             log.info("resume from %s: %s", folder, self.opt_report.summary())
         history = getattr(state, "log_history", None)
         if history is not None:

@@ -72,6 +72,22 @@ def _named_parameters(model: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
         yield strip_wrappers(name), p
 
 
+def is_partitioned(model: Any) -> bool:
+    """Whether ``model`` holds ZeRO-3 partitioned parameters (fingerprinting them needs gathers)."""
+    return any(hasattr(p, "ds_id") for _, p in _named_parameters(model))
+
+
+def sidecar_needed(model: Any, policy: str) -> bool:
+    """Whether a checkpoint of ``model`` should get a sidecar under optimizer ``policy``.
+
+    ``preserve`` keeps every optimizer state on resume whatever the sidecar says; the sidecar then
+    only feeds the report and ``opt-check`` previews. That is worth its price for replicated
+    parameters (a hash per parameter), not for ZeRO-3 ones, which every rank would gather on every
+    save.
+    """
+    return policy != "preserve" or not is_partitioned(model)
+
+
 def model_fingerprints(model: Any) -> dict[str, TensorPrint]:
     """Fingerprints of a model's parameters. With ZeRO-3, every rank must call this: partitioned
     parameters are gathered one at a time (memory stays bounded by the largest parameter)."""
@@ -104,7 +120,7 @@ def write_sidecar(directory: Union[str, os.PathLike], model: Any, *, step: Optio
 
     Call it on every rank (ZeRO-3 gathers); only ``is_main`` writes. Returns the path written, or None.
     """
-    if not is_main and not any(hasattr(p, "ds_id") for _, p in _named_parameters(model)):
+    if not is_main and not is_partitioned(model):
         return None  # nothing to gather: only the main rank needs the fingerprints
     prints = model_fingerprints(model)
     if not is_main:

@@ -4,6 +4,10 @@ Phase 1 trains a small model for a few steps, saves a DeepSpeed checkpoint and t
 Then, for each case, a fresh engine loads the checkpoint, some weights are swapped in (the same values
 on every rank), ``apply_on_resume`` runs, and one more step is taken. Rank 0 prints one JSON line per
 case with what it measured; the test asserts on those numbers.
+
+With ``--push ENDPOINT`` phase 1 also runs under ``attach(..., async_publish=True)`` (the push path the
+HF callback and Accelerate share) and reports, as case ``push``, what was pushed and whether the HF
+callback's ``on_save`` writes a sidecar for this model under each policy.
 """
 
 from __future__ import annotations
@@ -132,17 +136,52 @@ def run_case(stage: int, ckpt: str, case: str, old: dict, moments: dict) -> dict
     return out
 
 
+def callback_saves_sidecar(engine, directory: str, policy: str) -> bool:
+    """Whether the HF callback's ``on_save`` writes a sidecar for this engine's model under ``policy``
+    (every rank calls it, as the Trainer does)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hotweights_trainer.integrations.hf_trainer import HotweightsCallback
+    from hotweights_trainer.optim import SIDECAR_NAME
+
+    out = os.path.join(directory, f"hf-{policy}")
+    os.makedirs(os.path.join(out, "checkpoint-3"), exist_ok=True)
+    callback = HotweightsCallback("shm://never-bound", opt_policy=policy, config=SyncConfig(linger_s=0))
+    args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[])
+    callback.on_save(args, TrainerState(global_step=3), TrainerControl(), model=engine.module)
+    torch.distributed.barrier()
+    return os.path.isfile(os.path.join(out, "checkpoint-3", SIDECAR_NAME))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--cases", default="reset,attenuate,preserve,reset_all,control")
+    ap.add_argument("--push", default=None, help="endpoint to push phase 1's steps to, asynchronously")
     args = ap.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     engine = engine_for(args.stage)
+    sync = None
+    if args.push:
+        from hotweights_trainer.integrations.deepspeed import attach
+
+        # skip: the final push then runs on every rank while only rank 0 knows whether it sends.
+        sync = attach(engine, args.push, config=SyncConfig(async_publish=True, staleness_policy="skip",
+                                                           linger_s=0, timeout_s=60))
     for s in range(3):
         train_step(engine, s)
+    if sync is not None:
+        final = sync.push_final()
+        sync.close()
+        written = {policy: callback_saves_sidecar(engine, args.dir, policy)
+                   for policy in ("preserve", "reset")}
+        if rank == 0:
+            print(json.dumps({"case": "push", "async_pushes": sync.async_pushes, "errors": len(sync.errors),
+                              "pushed_steps": [r.step for r in sync.results],
+                              "versions": [r.version for r in sync.results], "final": final is not None,
+                              "sidecar_written": written}), flush=True)
     engine.save_checkpoint(args.dir, tag="base")
     write_sidecar(os.path.join(args.dir, "base"), engine.module, step=3, is_main=rank == 0)
     full = Full(engine)  # the saved weights and moments, as every resumed engine loads them
