@@ -362,6 +362,32 @@ def read_header(payload: memoryview | bytes | np.ndarray) -> DeltaHeader:
     return DeltaHeader(flags, pos, vals, itemsize, low, count, n, base, class_bits)
 
 
+def _unzstd(frame: bytes, expected: int) -> bytes:
+    """The zstd frame decompressed, never to more than ``expected`` bytes.
+
+    ``max_output_size`` alone does not bound memory: the decompressor trusts a content size written
+    in the frame header, and a corrupted header can claim terabytes. The declared size is checked
+    first, and a frame that declares none is read through a bounded stream.
+    """
+    zstd = _zstd()
+    try:
+        declared = zstd.frame_content_size(frame)
+        if declared > expected:
+            raise WireFormatError(f"delta payload: zstd frame declares {declared} bytes, header implies {expected}")
+        if declared >= 0:
+            return zstd.ZstdDecompressor().decompress(frame, max_output_size=expected)
+        out = bytearray()
+        with zstd.ZstdDecompressor().stream_reader(frame) as reader:
+            while len(out) <= expected:  # one byte more than expected: an oversized body is reported
+                chunk = reader.read(expected + 1 - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        return bytes(out)
+    except zstd.ZstdError as exc:
+        raise WireFormatError(f"delta payload: zstd body does not decompress: {exc}") from None
+
+
 def decode(payload: memoryview | bytes | np.ndarray, base: np.ndarray, *,
            out: Optional[np.ndarray] = None) -> tuple[np.ndarray, DeltaHeader]:
     """Apply a delta payload to ``base`` (1-D unsigned array); returns the new array and the header.
@@ -379,10 +405,7 @@ def decode(payload: memoryview | bytes | np.ndarray, base: np.ndarray, *,
     expected = _body_nbytes(h)
     body_raw = raw[HEADER_SIZE:]
     if h.zstd:
-        try:
-            body = _zstd().ZstdDecompressor().decompress(bytes(body_raw), max_output_size=expected)
-        except _zstd().ZstdError as exc:
-            raise WireFormatError(f"delta payload: zstd body does not decompress: {exc}") from None
+        body = _unzstd(bytes(body_raw), expected)
     else:
         body = body_raw
     if len(body) != expected:
