@@ -18,7 +18,7 @@ from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, Corr
                      EndpointError, EngineError, FencedError, HotweightsError, InferenceUpdateError,
                      KVCacheError, KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError,
                      OptimizerPolicyError, PeerLostError, PeftModeError, RelayError, ShardingMismatchError,
-                     SidecarError, SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError,
+                     SidecarError, StaleVersionError, SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError,
                      VersionAbortedError, WireFormatError)
 from .publisher import PublishResult, WeightPublisher
 from .receiver import WeightReceiver
@@ -32,7 +32,7 @@ __all__ = [
     "TransportUnavailableError", "ClosedError", "AuthError", "ShardingMismatchError", "CoordinatorError",
     "FencedError", "NotLeaderError", "RelayError", "InferenceUpdateError", "KVMigrationError", "KVCacheError",
     "OptimizerPolicyError", "SidecarError", "MetricsError", "UnsupportedAdapterError", "PeftModeError",
-    "EngineError", "__version__",
+    "EngineError", "StaleVersionError", "__version__",
 ]
 
 

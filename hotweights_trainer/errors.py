@@ -137,6 +137,11 @@ class FencedError(CoordinatorError):
     """A write carried a stale fencing token or version and was rejected."""
 
 
+class StaleVersionError(FencedError):
+    """A relayed version carries a number this fleet already numbered past (its receivers run that
+    version or a newer one), so it cannot be passed on under the number upstream gave it."""
+
+
 class MetricsError(HotweightsError, RuntimeError):
     """The Prometheus exporter cannot be started, reached, or read (e.g. its port is taken)."""
 

@@ -312,6 +312,8 @@ class WeightPublisher:
             raise ConfigError("a relay republishes dense buckets: its publisher needs delta='off'")
         # A PEFT model becomes its merged or adapter tensors; refused adapters fail here, before begin.
         peft_form, source = (None, source) if fwd is not None else peft_sync.prepare(source, cfg.peft_mode)
+        if fwd is not None:  # a version upstream already ended must not take a version number here
+            fwd.ensure_undecided()
         try:
             rec: VersionRecord = self._call(self._engine.begin, step,
                                             fwd.version if fwd is not None else None, peft_form)

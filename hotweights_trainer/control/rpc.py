@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import (AuthError, ConfigError, CoordinatorError, FencedError, HotweightsError, NotLeaderError,
-                      WireFormatError)
+                      StaleVersionError, WireFormatError)
 
 _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
@@ -44,7 +44,7 @@ READ_ONLY = frozenset({"status"})
 
 # Errors a server may report, re-raised on the client with their own type.
 ERRORS: dict[str, type[HotweightsError]] = {
-    "AuthError": AuthError, "FencedError": FencedError, "NotLeaderError": NotLeaderError,
+    "AuthError": AuthError, "FencedError": FencedError, "StaleVersionError": StaleVersionError, "NotLeaderError": NotLeaderError,
     "CoordinatorError": CoordinatorError, "WireFormatError": WireFormatError, "ConfigError": ConfigError,
 }
 

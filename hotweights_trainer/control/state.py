@@ -49,7 +49,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import CoordinatorError, FencedError
+from ..errors import CoordinatorError, FencedError, StaleVersionError
 from .handles import Handle, HandleTable
 
 QUORUM_POLICIES = ("all", "majority")
@@ -276,8 +276,16 @@ class FleetState:
     def begin(self, epoch: int, step: Optional[int], now: float,
               min_version: Optional[int] = None) -> dict[str, Any]:
         """Open the next version. ``min_version`` (a host relay) numbers it at least that high, so a
-        relayed version keeps the number its upstream fleet gave it; numbers never go backwards."""
+        relayed version keeps the number its upstream fleet gave it; numbers never go backwards.
+
+        A relayed version below ``next_version`` is refused (:class:`StaleVersionError`) rather than
+        renumbered: its receivers already run it or a newer one, and a renumbered version would
+        collide with the number upstream gives its next version (relay/forward.py).
+        """
         self._fence(epoch)
+        if min_version is not None and min_version < self.next_version:
+            raise StaleVersionError(f"fleet {self.fleet}: relayed version {min_version} is already numbered "
+                                    f"past here (next version {self.next_version})")
         if self.open is not None:
             self._close_open("aborted", "superseded by a new version before it was decided", now,
                              "superseded")

@@ -7,7 +7,9 @@ creates one :class:`RelayedVersion`; each downstream publisher's ``publish()`` c
 its own :class:`ForwardedVersion`:
 
 1. ``begin`` upstream -> every downstream publisher begins the same version number
-   (``min_version``), so a version is called the same on every host;
+   (``min_version``), so a version is called the same on every host. A downstream fleet that
+   already numbered past it (its receivers run it or newer, as after the relay restarted) is sent
+   nothing and counts as staged; a version upstream already ended begins nowhere;
 2. each upstream bucket that passed every check is copied into a downstream buffer and posted at
    once (the header gets the downstream session; the payload checksum travels unchanged), so the
    next hop starts while the rest of the version is still arriving;
@@ -168,6 +170,10 @@ class RelayedVersion:
         if last and not self._confirm(self.version):  # outside our lock: it takes the receiver's
             self.decide(False, "no longer staging upstream (aborted, superseded or publisher lost)")
 
+    def already_there(self, i: int) -> None:
+        """Downstream fleet ``i`` already runs this version or a newer one: staged, with nothing sent."""
+        self._downstream_staged(i)
+
     def _wait_upstream(self) -> None:
         deadline = time.monotonic() + self.timeout_s
         with self._cond:
@@ -199,6 +205,18 @@ class ForwardedVersion:
         self._rv = relayed
         self._i = i
         self.version = relayed.version
+
+    def ensure_undecided(self) -> None:
+        """Raise when upstream already ended this version: the publisher must not begin it.
+
+        Called under the downstream publisher's publish lock, so a superseded version's thread that
+        got the lock after the newer version's thread never begins (and burns) a version number.
+        """
+        rv = self._rv
+        with rv._cond:
+            if rv.decision is not None:
+                raise VersionAbortedError(rv.version, f"upstream already {'committed' if rv.decision else 'ended'} "
+                                          f"it before it could be passed on: {rv.reason}")
 
     def buckets(self) -> Iterator[ForwardedBucket]:
         k = 0

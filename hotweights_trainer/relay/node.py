@@ -24,7 +24,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from ..config import SyncConfig
-from ..errors import ConfigError, HotweightsError
+from ..errors import ConfigError, HotweightsError, StaleVersionError
 from ..publisher import WeightPublisher
 from ..receiver import WeightReceiver
 from ..transports import parse_endpoint
@@ -232,6 +232,12 @@ class HostRelay:
             pub.publish(rv.feed(i), step=rv.step)
             log.info("relay: version %d passed on to %s in %.3fs", rv.version, pub.endpoint,
                      time.perf_counter() - t0)
+        except StaleVersionError as exc:
+            # Typically a restarted relay's catch-up: the fleet behind it kept running this version
+            # (or a newer one) and numbers above it. Nothing to send; it counts as staged there.
+            log.info("relay: %s is already past version %d; nothing to pass on (%s)", pub.endpoint,
+                     rv.version, exc)
+            rv.already_there(i)
         except HotweightsError as exc:
             log.warning("relay: version %d not passed on to %s: %s", rv.version, pub.endpoint, exc)
             rv.failed(str(pub.endpoint), exc)

@@ -14,9 +14,10 @@ import torch
 
 from hotweights_trainer import SyncConfig, WeightPublisher, WeightReceiver
 from hotweights_trainer.control.state import FleetState
-from hotweights_trainer.errors import RelayError, VersionAbortedError
+from hotweights_trainer.errors import RelayError, StaleVersionError, VersionAbortedError
 from hotweights_trainer.relay.node import HostRelay
 from hotweights_trainer.verify import combined_digest, weights_digest
+from tests.conftest import free_port
 from hotweights_trainer.wire.bucket import decode_bucket, restamp
 from hotweights_trainer.wire.packer import pack_into, plan_buckets
 
@@ -127,8 +128,18 @@ def test_begin_min_version_keeps_upstream_numbers_and_never_goes_back():
     s = FleetState("f", quorum="all", heartbeat_ttl_s=5, version_timeout_s=5, handle_ttl_s=5)
     epoch = s.claim(0.0)
     assert s.begin(epoch, None, 0.0, min_version=5)["version"] == 5
-    assert s.begin(epoch, None, 0.0, min_version=2)["version"] == 6  # never backwards
+    # Never backwards, and never renumbered: a relayed number already passed is refused, and the
+    # refusal opens nothing and takes no number (the next upstream version keeps its own).
+    with pytest.raises(StaleVersionError, match="relayed version 2 is already numbered past"):
+        s.begin(epoch, None, 0.0, min_version=2)
+    assert s.open is not None and s.open.version == 5
+    assert s.begin(epoch, None, 0.0, min_version=6)["version"] == 6
     assert s.begin(epoch, None, 0.0)["version"] == 7
+    # A receiver that registers running version 9 (its relay restarted): version 9 is refused too.
+    s.register(epoch, "r1", 1, "h", 9, 0.0)
+    with pytest.raises(StaleVersionError):
+        s.begin(epoch, None, 0.0, min_version=9)
+    assert s.begin(epoch, None, 0.0, min_version=10)["version"] == 10
 
 
 def test_restamp_changes_version_and_session_and_keeps_the_bucket_valid():
@@ -168,3 +179,39 @@ def test_relay_command_text_output_follows_a_publisher():
     assert proc.returncode == 0, err
     assert "relay: event ready, host" in out and f"upstream {up}" in out
     assert f"relay: event version, version {res.version}" in out
+
+
+def test_restarted_relay_keeps_every_version_number(fleet):
+    """A relay that restarts is sent the last committed version (catch-up) while the receivers behind
+    it still run that very version: it must not pass it on under a new number, or every later version
+    on this host would be numbered differently from the publisher's."""
+    pub, relay, receiver = fleet
+    store = _Store()
+    rx = receiver(apply=store)
+    relay.publishers[0].wait_for_receivers(1, timeout=20)
+    first = pub.publish(_weights(1))
+    assert rx.wait_for_version(first.version, timeout=20) == first.version
+    local = relay.downstream[0]
+    relay.close()
+    # The restarted relay first follows an upstream that is down and routes around it to the
+    # publisher once heartbeat_ttl_s passed: by then the receiver behind it is back and registered,
+    # running version 1, when the catch-up of version 1 arrives (the order the netns test hits).
+    cfg = SyncConfig(transport="torch", timeout_s=20, bucket_mb=1, heartbeat_ttl_s=3)
+    with HostRelay([f"tcp://127.0.0.1:{free_port()}", str(pub.endpoint)], [local], config=cfg) as again:
+        stop = threading.Event()
+        runner = threading.Thread(target=again.serve, args=(stop,), daemon=True)
+        runner.start()
+        try:
+            again.publishers[0].wait_for_receivers(1, timeout=20)
+            assert again.publishers[0].status()["committed"] == 0
+            pub.wait_for_receivers(1, timeout=20)
+            for seed in (2, 3):
+                w = _weights(seed)
+                res = pub.publish(w)
+                assert rx.wait_for_version(res.version, timeout=20) == res.version
+                assert store.digest() == combined_digest(weights_digest(w))
+            assert again.version == res.version
+            assert again.publishers[0].status()["committed"] == res.version
+        finally:
+            stop.set()
+            runner.join(timeout=10)
