@@ -17,16 +17,28 @@ from tests.conftest import ROOT, child_env, free_port, require
 LR = 1e-3  # the script's learning rate: one Adam step moves a weight by at most about LR
 
 
-def run_ds(tmp_path, stage: int, cases: str, *extra: str) -> dict[str, dict]:
+CASES = "reset,attenuate,preserve,reset_all,control"
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory) -> dict[int, dict[str, dict]]:
+    """Every stage in one torchrun launch (starting two DeepSpeed ranks costs more than the cases)."""
+    require("deepspeed")
+    folder = tmp_path_factory.mktemp("ds-resume")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "procs" / "ds_opt_resume.py"),
-           "--stage", str(stage), "--dir", str(tmp_path / "ckpt"), "--cases", cases, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
+           str(ROOT / "tests" / "procs" / "ds_opt_resume.py"), "--dir", str(folder / "ckpt"),
+           "--zero", f"2:{CASES}", "--zero", f"3:{CASES}", "--zero", "1:attenuate",
+           "--push", f"shm://t-dsopt-{uuid.uuid4().hex[:8]}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=child_env(), cwd=ROOT)
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-5000:]}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {r["case"]: r for r in results}
+    out: dict[int, dict[str, dict]] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            out.setdefault(row["stage"], {})[row["case"]] = row
+    return out
 
 
 def check_moves_from_new_weights(params: dict) -> None:
@@ -44,10 +56,8 @@ def moments(row: dict, flag: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_resume_with_swapped_weights(tmp_path, stage):
-    require("deepspeed")
-    out = run_ds(tmp_path, stage, "reset,attenuate,preserve,reset_all,control",
-                 "--push", f"shm://t-dsopt{stage}-{uuid.uuid4().hex[:8]}")
+def test_zero_resume_with_swapped_weights(ds_runs, stage):
+    out = ds_runs[stage]
     backend = "deepspeed-zero3" if stage == 3 else "deepspeed-zero12"
 
     # attach() honours async_publish: the pushes went through the background publisher. A boundary
@@ -98,9 +108,10 @@ def test_zero_resume_with_swapped_weights(tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_zero1_resume_attenuate(tmp_path):
-    require("deepspeed")
-    att = run_ds(tmp_path, 1, "attenuate")["attenuate"]
+def test_zero1_resume_attenuate(ds_runs):
+    att = ds_runs[1]["attenuate"]
+    push = ds_runs[1]["push"]  # ZeRO-1 pushes through the same attach() path
+    assert push["errors"] == 0 and push["final"] and push["pushed_steps"][-1] == 3
     assert att["report"]["backend"] == "deepspeed-zero12" and att["report"]["attenuated"] == 3
     for row in att["params"].values():
         assert moments(row, "scaled" if row["swapped"] else "equal"), row

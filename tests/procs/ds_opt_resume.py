@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO resume with swapped weights, run under ``torchrun --nproc_per_node 2``.
 
-Phase 1 trains a small model for a few steps, saves a DeepSpeed checkpoint and the hotweights sidecar.
-Then, for each case, a fresh engine loads the checkpoint, some weights are swapped in (the same values
-on every rank), ``apply_on_resume`` runs, and one more step is taken. Rank 0 prints one JSON line per
-case with what it measured; the test asserts on those numbers.
+For each ``--zero STAGE:CASES``, in one launch: phase 1 trains a small model for a few steps, saves a
+DeepSpeed checkpoint and the hotweights sidecar. Then, for each case, a fresh engine loads the
+checkpoint, some weights are swapped in (the same values on every rank), ``apply_on_resume`` runs, and
+one more step is taken. Rank 0 prints one JSON line per case with what it measured; the test asserts
+on those numbers.
 
-With ``--push ENDPOINT`` phase 1 also runs under ``attach(..., async_publish=True)`` (the push path the
+With ``--push PREFIX`` phase 1 also runs under ``attach(..., async_publish=True)`` (the push path the
 HF callback and Accelerate share) and reports, as case ``push``, what was pushed and whether the HF
 callback's ``on_save`` writes a sidecar for this model under each policy.
 """
@@ -153,47 +154,58 @@ def callback_saves_sidecar(engine, directory: str, policy: str) -> bool:
     return os.path.isfile(os.path.join(out, "checkpoint-3", SIDECAR_NAME))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", type=int, default=2)
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--cases", default="reset,attenuate,preserve,reset_all,control")
-    ap.add_argument("--push", default=None, help="endpoint to push phase 1's steps to, asynchronously")
-    args = ap.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+def run_stage(stage: int, cases: list[str], directory: str, push: str | None) -> None:
+    """Phase 1 (with the push, when asked) for one ZeRO stage, then each resume case; rank 0 prints."""
     rank = torch.distributed.get_rank()
-    engine = engine_for(args.stage)
+    engine = engine_for(stage)
     sync = None
-    if args.push:
+    if push:
         from hotweights_trainer.integrations.deepspeed import attach
 
         # skip: the final push then runs on every rank while only rank 0 knows whether it sends.
-        sync = attach(engine, args.push, config=SyncConfig(async_publish=True, staleness_policy="skip",
-                                                           linger_s=0, timeout_s=60))
+        sync = attach(engine, push, config=SyncConfig(async_publish=True, staleness_policy="skip",
+                                                      linger_s=0, timeout_s=60))
     for s in range(3):
         train_step(engine, s)
     if sync is not None:
         final = sync.push_final()
         sync.close()
-        written = {policy: callback_saves_sidecar(engine, args.dir, policy)
+        written = {policy: callback_saves_sidecar(engine, directory, policy)
                    for policy in ("preserve", "reset")}
         if rank == 0:
-            print(json.dumps({"case": "push", "async_pushes": sync.async_pushes, "errors": len(sync.errors),
-                              "pushed_steps": [r.step for r in sync.results],
+            print(json.dumps({"case": "push", "stage": stage, "async_pushes": sync.async_pushes,
+                              "errors": len(sync.errors), "pushed_steps": [r.step for r in sync.results],
                               "versions": [r.version for r in sync.results], "final": final is not None,
                               "sidecar_written": written}), flush=True)
-    engine.save_checkpoint(args.dir, tag="base")
-    write_sidecar(os.path.join(args.dir, "base"), engine.module, step=3, is_main=rank == 0)
+    engine.save_checkpoint(directory, tag="base")
+    write_sidecar(os.path.join(directory, "base"), engine.module, step=3, is_main=rank == 0)
     full = Full(engine)  # the saved weights and moments, as every resumed engine loads them
     old = {n: full.weight(n) for n in full.params}
     moments = {n: {k: full.moment(n, k) for k in ("exp_avg", "exp_avg_sq")} for n in full.params}
     torch.distributed.barrier()
     engine.destroy()
-    for case in args.cases.split(","):
-        result = run_case(args.stage, args.dir, case, old, moments)
+    for case in cases:
+        result = run_case(stage, directory, case, old, moments)
         if rank == 0:
             print(json.dumps(result), flush=True)
     torch.distributed.barrier()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zero", action="append", required=True, metavar="STAGE:CASES",
+                    help="a ZeRO stage and its comma-separated cases (reset, attenuate, preserve, reset_all, "
+                         "control); repeat for several stages in one launch")
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--push", default=None,
+                    help="endpoint prefix: phase 1 of each stage pushes its steps, asynchronously, to PREFIX-sSTAGE")
+    args = ap.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    # Several stages share one launch: starting the ranks costs more than everything they run here.
+    for spec in args.zero:
+        stage, _, cases = spec.partition(":")
+        run_stage(int(stage), [c for c in cases.split(",") if c], os.path.join(args.dir, f"zero{stage}"),
+                  f"{args.push}-s{stage}" if args.push else None)
     return 0
 
 
