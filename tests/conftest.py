@@ -58,9 +58,18 @@ def require(part: str) -> None:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for child processes: this checkout first on the path, no hub access."""
+    """Environment for child processes: this checkout first on the path, no hub access, and this
+    interpreter's environment first on ``PATH``, as in an activated venv.
+
+    The last one also keeps every child on one toolchain: DeepSpeed JIT-builds its CPU shm op with
+    whichever ``ninja`` comes first on ``PATH``, and a venv's ninja and the system's record build
+    commands differently, so children alternating between the two rebuilt the op (tens of seconds of
+    compiling) again and again.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
