@@ -122,3 +122,14 @@ def in_process_llm(model_dir, **options):
 def endpoint() -> str:
     """A fresh shm:// endpoint name per test."""
     return f"shm://t-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test first, in their usual order, then the rest.
+
+    ``make test`` hands whole files to two workers in collection order. The longest files start
+    processes on a two-core machine for a minute or more; started last, one of them kept one
+    worker busy minutes after the other had run out of work.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays

@@ -20,6 +20,7 @@ from tests.procs.spawn import Proc
 sys.path.insert(0, str(ROOT / "recipes"))
 
 PROMPT = "hotweights moves weights from the trainer"
+pytestmark = pytest.mark.slow  # a vLLM engine for the module
 
 
 @pytest.fixture(scope="module")

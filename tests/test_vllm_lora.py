@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 PROMPT = "hotweights moves weights from the trainer"
 MAX_RANK = 8
+pytestmark = pytest.mark.slow  # a vLLM engine and a vLLM server for the module
 
 
 @pytest.fixture(scope="module")

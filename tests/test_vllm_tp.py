@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import child_env, require, run_python
+
+pytestmark = pytest.mark.slow  # a multi-process vLLM engine with two ranks
 
 
 def test_tp2_ranks_load_the_same_newest_version():
