@@ -125,11 +125,16 @@ def endpoint() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with a ``slow`` test first, in their usual order, then the rest.
+    """Files whose tests are all ``slow`` first (fewest tests first), then files with some, then the rest.
 
-    ``make test`` hands whole files to two workers in collection order. The longest files start
-    processes on a two-core machine for a minute or more; started last, one of them kept one
-    worker busy minutes after the other had run out of work.
+    ``make test`` hands whole files to two workers in this order (``--no-loadscope-reorder``; by
+    default xdist starts the files with the most tests first, which put the one-test files that run
+    vLLM or DeepSpeed for a minute last, one worker running them alone at the end).
     """
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays
+    total: dict = {}
+    slow: dict = {}
+    for item in items:
+        total[item.path] = total.get(item.path, 0) + 1
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    # Among equals, files with fewer tests first: there one test is one long launch.
+    items.sort(key=lambda item: (-slow[item.path] / total[item.path], total[item.path]))  # stable
