@@ -107,16 +107,18 @@ class WeightPublisher:
         # Before the transport starts, so a taken metrics port leaves nothing half-started behind.
         metrics.start_exporter(self.config.metrics_port, self.config.metrics_host)
         self._tx: PublisherTransport = create_publisher_transport(self.endpoint, self.config)
-        # tcp://HOST:0: the transport bound a free port; what is keyed by the endpoint uses the real one.
-        self.endpoint = self._tx.endpoint
-        self._ep = str(self.endpoint)
-        self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
-                                           endpoint_label=self._ep)
-        # The status socket doubles as the "one publisher per endpoint on this host" check, before
-        # the coordinator is claimed (a Redis-backed claim may wait for a lease).
-        self._status = StatusListener(self._ep, self.status, self.config.timeout_s)
+        self._delta = None
+        self._status: Optional[StatusListener] = None
         self._loop: Optional[EventLoop] = None
         try:
+            # tcp://HOST:0: the transport bound a free port; what is keyed by the endpoint uses the real one.
+            self.endpoint = self._tx.endpoint
+            self._ep = str(self.endpoint)
+            self._delta = make_publisher_delta(self.config, self._tx, session=self.session,
+                                               endpoint_label=self._ep)
+            # The status socket doubles as the "one publisher per endpoint on this host" check, before
+            # the coordinator is claimed (a Redis-backed claim may wait for a lease).
+            self._status = StatusListener(self._ep, self.status, self.config.timeout_s)
             self._session = open_session(self._ep, self.config)
             self._engine = PublisherEngine(endpoint=self.endpoint, config=self.config, tx=self._tx,
                                            session=self._session, delta=self._delta, owner=owner_tag(),
@@ -126,13 +128,7 @@ class WeightPublisher:
             self._loop.start()
             self._tx.start(self._loop.events)
         except BaseException:
-            if self._loop is not None:
-                self._loop.stop(self.config.timeout_s)
-            if self._delta is not None:
-                self._delta.close()
-            self._status.close()
-            if getattr(self, "_session", None) is not None:
-                self._session.close()
+            self._undo_init()
             raise
         _LIVE.add(self)
         # Registered again after this publisher's transport was imported: atexit runs handlers last in,
@@ -141,6 +137,20 @@ class WeightPublisher:
         atexit.register(_close_live_publishers)
         log.info("publisher on %s (transport %s, bucket %d MiB, coordinator %s, epoch %d)", self.endpoint,
                  self._tx.name, self.config.bucket_mb, self._session.backend, self._session.epoch)
+
+    def _undo_init(self) -> None:
+        """A constructor that failed part way: free what it had started, the transport's bound port
+        or mapped blocks included, now rather than at garbage collection."""
+        self._closed = True  # __del__ then has nothing left to close
+        if self._loop is not None:
+            self._loop.stop(self.config.timeout_s)
+        if self._delta is not None:
+            self._delta.close()
+        if self._status is not None:
+            self._status.close()
+        if getattr(self, "_session", None) is not None:
+            self._session.close()
+        self._tx.close()
 
     # ---------------------------------------------------------------- public API
     @property

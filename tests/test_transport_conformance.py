@@ -13,12 +13,12 @@ import uuid
 
 import pytest
 
-from hotweights_trainer import (CorruptBucketError, EndpointError, PeerLostError, SyncConfig,
+from hotweights_trainer import (CorruptBucketError, EndpointError, HotweightsError, PeerLostError, SyncConfig,
                                 SyncTimeoutError, WeightPublisher, WeightReceiver)
 from hotweights_trainer.control.status_socket import query_status
 from hotweights_trainer.transports import publisher_class
 from hotweights_trainer.verify import weights_digest
-from tests.conftest import child_env, require
+from tests.conftest import child_env, free_port, require
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, write_spec
 
@@ -307,3 +307,18 @@ def test_torch_transport_nccl_round_trip():
             assert _next_version(rx, 1)["digests"] == weights_digest(tensors)
     finally:
         _kill_all(rx)
+
+
+def test_a_publisher_that_fails_to_start_frees_its_endpoint_at_once(variant):
+    """The coordinator cannot be reached: the constructor fails with a typed error, and what it had
+    already started (a bound port, mapped blocks, the status socket) is freed before it returns, so
+    the same endpoint works right away, garbage collection or not."""
+    ep = _endpoint(variant) if _transport(variant) == "shm" else f"tcp://127.0.0.1:{free_port()}"
+    unreachable = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    bad = _config(variant, coord_backend="tcp", coord_endpoint=unreachable, timeout_s=2)
+    kept = []
+    with pytest.raises(HotweightsError) as exc:
+        kept.append(WeightPublisher(ep, config=bad))
+    assert unreachable.split("//")[1] in str(exc.value) or "coordinator" in str(exc.value).lower(), exc.value
+    with WeightPublisher(ep, config=_config(variant, linger_s=0)) as pub:
+        assert str(pub.endpoint) == ep
