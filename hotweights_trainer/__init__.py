@@ -18,8 +18,8 @@ from .errors import (AuthError, ClosedError, ConfigError, CoordinatorError, Corr
                      EndpointError, EngineError, FencedError, HotweightsError, InferenceUpdateError,
                      KVCacheError, KVMigrationError, ManifestMismatchError, MetricsError, NotLeaderError,
                      OptimizerPolicyError, PeerLostError, PeftModeError, RelayError, ShardingMismatchError,
-                     SidecarError, StaleVersionError, SyncTimeoutError, TransportUnavailableError, UnsupportedAdapterError,
-                     VersionAbortedError, WireFormatError)
+                     SidecarError, StaleVersionError, SyncTimeoutError, TransportUnavailableError,
+                     UnsupportedAdapterError, VersionAbortedError, WireFormatError)
 from .publisher import PublishResult, WeightPublisher
 from .receiver import WeightReceiver
 

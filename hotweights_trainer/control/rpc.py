@@ -44,7 +44,8 @@ READ_ONLY = frozenset({"status"})
 
 # Errors a server may report, re-raised on the client with their own type.
 ERRORS: dict[str, type[HotweightsError]] = {
-    "AuthError": AuthError, "FencedError": FencedError, "StaleVersionError": StaleVersionError, "NotLeaderError": NotLeaderError,
+    "AuthError": AuthError, "FencedError": FencedError, "StaleVersionError": StaleVersionError,
+    "NotLeaderError": NotLeaderError,
     "CoordinatorError": CoordinatorError, "WireFormatError": WireFormatError, "ConfigError": ConfigError,
 }
 

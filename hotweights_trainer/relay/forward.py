@@ -215,8 +215,9 @@ class ForwardedVersion:
         rv = self._rv
         with rv._cond:
             if rv.decision is not None:
-                raise VersionAbortedError(rv.version, f"upstream already {'committed' if rv.decision else 'ended'} "
-                                          f"it before it could be passed on: {rv.reason}")
+                state = "committed" if rv.decision else "ended"
+                raise VersionAbortedError(rv.version, f"upstream already {state} it before it could be "
+                                          f"passed on: {rv.reason}")
 
     def buckets(self) -> Iterator[ForwardedBucket]:
         k = 0

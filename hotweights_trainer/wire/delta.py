@@ -373,7 +373,8 @@ def _unzstd(frame: bytes, expected: int) -> bytes:
     try:
         declared = zstd.frame_content_size(frame)
         if declared > expected:
-            raise WireFormatError(f"delta payload: zstd frame declares {declared} bytes, header implies {expected}")
+            raise WireFormatError(f"delta payload: zstd frame declares {declared} bytes, "
+                                  f"header implies {expected}")
         if declared >= 0:
             return zstd.ZstdDecompressor().decompress(frame, max_output_size=expected)
         out = bytearray()

@@ -197,7 +197,8 @@ def test_restarted_relay_keeps_every_version_number(fleet):
     # publisher once heartbeat_ttl_s passed: by then the receiver behind it is back and registered,
     # running version 1, when the catch-up of version 1 arrives (the order the netns test hits).
     cfg = SyncConfig(transport="torch", timeout_s=20, bucket_mb=1, heartbeat_ttl_s=3)
-    with HostRelay([f"tcp://127.0.0.1:{free_port()}", str(pub.endpoint)], [local], config=cfg) as again:
+    upstreams = [f"tcp://127.0.0.1:{free_port()}", str(pub.endpoint)]
+    with HostRelay(upstreams, [local], config=cfg) as again:
         stop = threading.Event()
         runner = threading.Thread(target=again.serve, args=(stop,), daemon=True)
         runner.start()

@@ -198,7 +198,8 @@ def main() -> int:
                          "control); repeat for several stages in one launch")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--push", default=None,
-                    help="endpoint prefix: phase 1 of each stage pushes its steps, asynchronously, to PREFIX-sSTAGE")
+                    help="endpoint prefix: phase 1 of each stage pushes its steps, asynchronously, "
+                         "to PREFIX-sSTAGE")
     args = ap.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     # Several stages share one launch: starting the ranks costs more than everything they run here.

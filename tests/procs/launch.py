@@ -25,7 +25,8 @@ def tool(name: str) -> str:
 
 def launch(cmd: list[str], *, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root with a deadline; fail with the output's tail if it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env),
+                          cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")
