@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -96,6 +98,26 @@ def test_receive_pool_reuses_only_released_idle_buffers():
     pool.forget(c)
     pool.release(3)
     assert pool.lend(4, 4 * MB) is not c
+
+
+def test_an_abandoned_receive_buffer_stays_mapped_until_its_transfer_stops():
+    """A transport library may still write into a buffer whose bucket was abandoned (a posted UCX
+    receive is matched by whatever the peer sends later): unmapping it then crashes the process."""
+    pool = ReceivePool(4 * MB, keep_versions=1)
+    busy = [True, True]
+    a = pool.lend(1, 4 * MB)
+    a.busy = lambda: busy[0]
+    b = pool.lend(2, 4 * MB)  # version 1 was never released and falls out of the pool here
+    b.busy = lambda: busy[1]
+    gone_a, gone_b = weakref.ref(a), weakref.ref(b)
+    pool.forget(b)
+    del a, b
+    gc.collect()
+    assert gone_a() is not None and gone_b() is not None and pool.held == 2
+    busy[0] = busy[1] = False
+    assert pool.held == 0
+    gc.collect()
+    assert gone_a() is None and gone_b() is None  # idle again: now the memory goes
 
 
 def test_host_buffers_are_prefaulted_writable_and_size_classed():

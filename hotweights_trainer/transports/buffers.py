@@ -8,8 +8,10 @@ small model) get their own so a tiny model never maps whole buckets.
 
 ``HostBufferPool`` serves the publisher (``alloc``/``recycle``). ``ReceivePool`` serves receivers:
 buffers are lent per version and come back when the receiver engine sends ``release`` for that
-version -- but only when nothing may still write into them (a transfer that was abandoned keeps its
-buffer out of the pool for good).
+version -- but only when nothing may still write into them. A buffer whose transfer was abandoned is
+never lent again, and it stays mapped until that transfer has stopped writing: a receive a transport
+library still holds (UCX matches a posted receive to whatever the peer sends later) writes through a
+raw pointer, so unmapping the buffer under it would crash the process.
 """
 
 from __future__ import annotations
@@ -89,14 +91,16 @@ class HostBufferPool:
         self.created += 1
         return HostBuffer(size_class(nbytes, self.bucket_bytes))
 
-    def put(self, buf: HostBuffer) -> None:
-        """Return ``buf``; it is handed out again only once ``buf.busy`` (if set) says it is idle."""
+    def put(self, buf: HostBuffer) -> bool:
+        """Return ``buf``; it is handed out again only once ``buf.busy`` (if set) says it is idle.
+        False when the pool let it go (more memory parked than any version needs)."""
         with self._lock:
             if any(b is buf for b in self._free):
-                return
+                return True
             if sum(b.size for b in self._free) + buf.size > self.max_free_bytes:
-                return  # let it go: more memory parked than any version needs
+                return False
             self._free.append(buf)
+            return True
 
     def clear(self) -> None:
         with self._lock:
@@ -113,6 +117,7 @@ class ReceivePool:
     def __init__(self, bucket_bytes: int, *, keep_versions: int = 4):
         self._pool = HostBufferPool(bucket_bytes)
         self._lent: dict[int, list[HostBuffer]] = {}
+        self._held: list[HostBuffer] = []  # let go of while busy: kept mapped until idle
         self._lock = threading.Lock()
         self._keep = keep_versions
 
@@ -121,26 +126,41 @@ class ReceivePool:
         with self._lock:
             self._lent.setdefault(version, []).append(buf)
             while len(self._lent) > self._keep:
-                # A version nobody released (its publisher vanished mid-transfer): forget it, the
-                # engine's views keep the memory alive as long as they exist.
-                oldest = min(self._lent)
-                self._lent.pop(oldest)
+                # A version nobody released (its publisher vanished mid-transfer): forget it.
+                for old in self._lent.pop(min(self._lent)):
+                    self._hold(old)
+            self._held = [b for b in self._held if _busy(b)]
         return buf
 
     def release(self, version: int) -> None:
         with self._lock:
             bufs = self._lent.pop(version, [])
         for buf in bufs:
-            self._pool.put(buf)
+            if not self._pool.put(buf):
+                with self._lock:
+                    self._hold(buf)
 
     def forget(self, buf: HostBuffer) -> None:
-        """Never reuse ``buf`` (a transfer into it was abandoned and may still write)."""
+        """Never reuse ``buf`` (a transfer into it was abandoned and may still write); it stays
+        mapped until that transfer is over."""
         with self._lock:
             for bufs in self._lent.values():
                 for i, b in enumerate(bufs):
                     if b is buf:
                         del bufs[i]
-                        return
+                        break
+            self._hold(buf)
+
+    def _hold(self, buf: HostBuffer) -> None:
+        if _busy(buf) and not any(b is buf for b in self._held):
+            self._held.append(buf)
+
+    @property
+    def held(self) -> int:
+        """Buffers let go of while a transfer could still write into them, not yet unmapped."""
+        with self._lock:
+            self._held = [b for b in self._held if _busy(b)]
+            return len(self._held)
 
     @property
     def created(self) -> int:

@@ -46,7 +46,8 @@ def _logs_on_failure(*groups):
         yield
     except BaseException:
         for proc in [p for g in groups for p in g]:
-            print(f"--- pid {proc.pid} host {proc.host}: {' '.join(proc.popen.args[4:8])}\n"
+            print(f"--- pid {proc.pid} host {proc.host} (exit status {proc.popen.poll()}): "
+                  f"{' '.join(proc.popen.args[4:8])}\n"
                   + "".join(proc.stderr[-40:]))
         raise
 
