@@ -94,11 +94,17 @@ def free_port() -> int:
 
 
 def run_python(code_or_args, *, timeout: float = 120, env: dict | None = None, check: bool = True,
-               **kw) -> subprocess.CompletedProcess:
-    """Run ``python -c code`` (str) or ``python args...`` (list) in a child process with a deadline."""
+               warm: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` (str) or ``python args...`` (list) in a child process with a deadline.
+
+    The child is started warm (tests/procs/warm.py) unless ``warm`` is False: for a test about what
+    a real interpreter does when it starts or exits."""
+    from tests.procs import warm as warm_start
+
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or child_env(), cwd=kw.pop("cwd", ROOT), **kw)
+    run = warm_start.run if warm else subprocess.run
+    proc = run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+               env=env or child_env(), cwd=kw.pop("cwd", ROOT), **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"child failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-4000:]}")
@@ -123,6 +129,18 @@ def in_process_llm(model_dir, **options):
 def endpoint() -> str:
     """A fresh shm:// endpoint name per test."""
     return f"shm://t-{uuid.uuid4().hex[:12]}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cold-start", action="store_true",
+                     help="start every Python child as a fresh interpreter (no warm starts, tests/procs/warm.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--cold-start"):
+        from tests.procs import warm
+
+        warm.enabled = False
 
 
 def pytest_collection_modifyitems(config, items):

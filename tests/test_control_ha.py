@@ -26,6 +26,7 @@ from hotweights_trainer.control.session import FleetSession
 from hotweights_trainer.errors import AuthError, FencedError, NotLeaderError
 from hotweights_trainer.verify import weights_digest
 from tests.conftest import ROOT, child_env
+from tests.procs.warm import popen
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 
@@ -98,7 +99,7 @@ class CoordServe:
     def __init__(self, redis_url: str, log_path):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.p = subprocess.Popen(
+        self.p = popen(
             [sys.executable, "-m", "hotweights_trainer", "-vv", "coord", "serve", "--store", "redis",
              "--redis-url", redis_url, "--endpoint", "tcp://127.0.0.1:0"],  # ready() says the port
             stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,

@@ -20,6 +20,7 @@ from hotweights_trainer.errors import MetricsError
 from tests.conftest import ROOT, child_env, free_port
 from tests.procs.common import SpecModule, make_tensors, mixed_spec
 from tests.procs.spawn import Proc, write_spec
+from tests.procs.warm import popen
 
 PUBLISHER_PHASES = ("gather", "encode", "transfer", "commit")
 
@@ -28,8 +29,8 @@ class CommandProc(Proc):
     """A test process that also reads commands from stdin."""
 
     def __init__(self, args: list[str], *, env: dict):
-        self.p = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.p = popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self._start_readers()
 
     def _start_readers(self) -> None:

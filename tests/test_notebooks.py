@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, child_env, require
+from tests.procs import warm
 
 NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 120
+# What every notebook's kernel imports first; a warm-started kernel (tests/procs/warm.py) has them.
+KERNEL_PRELOAD = ["ipykernel.kernelapp", "ipykernel.ipkernel", *warm.preload_names("transformers")]
 
 
 def _load(path: Path):
@@ -36,6 +39,9 @@ def _execute(path: Path, workdir: Path, monkeypatch):
     # The kernel (and whatever it starts) inherits this environment: put this checkout on its path.
     for key, value in child_env().items():
         monkeypatch.setenv(key, value)
+    # The kernel is started as jupyter_client starts it, through a warm-start server.
+    monkeypatch.setattr("jupyter_client.launcher.Popen",
+                        lambda cmd, **kw: warm.popen(cmd, preload=KERNEL_PRELOAD, **kw))
     nb = _load(path)
     NotebookClient(nb, timeout=CELL_TIMEOUT_S, startup_timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(workdir)}}).execute()

@@ -62,7 +62,8 @@ def other_endpoint(endpoint: str) -> str:
 
 
 def publisher(endpoint: str, how: str) -> subprocess.CompletedProcess:
-    return run_python(["-c", PUBLISHER, endpoint, how], timeout=120, check=False)
+    # A real interpreter start and exit: how it exits is what these tests are about.
+    return run_python(["-c", PUBLISHER, endpoint, how], timeout=120, check=False, warm=False)
 
 
 def published_blocks(stdout: str) -> list[str]:
@@ -84,7 +85,7 @@ def test_exit_without_close_leaves_nothing(endpoint, how, code):
 
 def test_sigkill_blocks_are_reclaimed_by_the_next_process_that_starts(endpoint):
     assert blocks(endpoint) == set()
-    pub = Proc(["-c", PUBLISHER, endpoint, "wait"])
+    pub = Proc(["-c", PUBLISHER, endpoint, "wait"], warm=False)
     try:
         made = set(pub.next(120)["blocks"])
         assert len(made) >= 2
@@ -129,7 +130,7 @@ def receiver_gets_version_1(endpoint: str) -> None:
 def test_exit_linger_serves_the_last_version_to_a_late_receiver_then_frees_everything(endpoint):
     # The script ends before the inference side connects; with HOTWEIGHTS_EXIT_LINGER_S its publisher,
     # closed at exit, still hands the last version over (without it, exit closes at once).
-    pub = Proc(["-c", PUBLISHER, endpoint, "return"], env=child_env(HOTWEIGHTS_EXIT_LINGER_S="60"))
+    pub = Proc(["-c", PUBLISHER, endpoint, "return"], env=child_env(HOTWEIGHTS_EXIT_LINGER_S="60"), warm=False)
     try:
         assert pub.next(120)["blocks"]
         receiver_gets_version_1(endpoint)
@@ -140,7 +141,7 @@ def test_exit_linger_serves_the_last_version_to_a_late_receiver_then_frees_every
 
 
 def test_blocks_of_a_live_publisher_are_never_reclaimed(endpoint):
-    pub = Proc(["-c", PUBLISHER, endpoint, "wait"])
+    pub = Proc(["-c", PUBLISHER, endpoint, "wait"], warm=False)
     try:
         made = set(pub.next(120)["blocks"])
         # Other processes start meanwhile: a publisher of another fleet and the janitor command.
@@ -212,6 +213,6 @@ def test_trainer_run_that_keeps_its_publisher_open_leaves_nothing(endpoint, tmp_
     require("hf")
     assert blocks(endpoint) == set()
     proc = run_python(["-c", TRAINER, endpoint, str(tmp_path / "out")], timeout=300,
-                      env=child_env(TOKENIZERS_PARALLELISM="false"))
+                      env=child_env(TOKENIZERS_PARALLELISM="false"), warm=False)
     assert "hwt." in proc.stdout  # the run held blocks when training ended
     assert blocks(endpoint) == set()

@@ -157,17 +157,17 @@ def test_relay_command_text_output_follows_a_publisher():
     import sys
 
     from tests.conftest import ROOT, child_env
+    from tests.procs.warm import popen
 
     local = f"shm://t-relay-{uuid.uuid4().hex[:12]}"
     cfg = SyncConfig(transport="torch", timeout_s=30, bucket_mb=1)
     with WeightPublisher("tcp://127.0.0.1:0", config=cfg) as pub:
         up = str(pub.endpoint)
-        proc = subprocess.Popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local",
-                                 local, "--transport", "torch", "--timeout", "30", "--versions", "1"],
-                                # no receiver ever joins the relay's local endpoint: do not linger for one
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=child_env(HOTWEIGHTS_LINGER_S="0"),
-                                cwd=ROOT)
+        proc = popen([sys.executable, "-m", "hotweights_trainer", "relay", "--upstream", up, "--local", local,
+                      "--transport", "torch", "--timeout", "30", "--versions", "1"],
+                     # no receiver ever joins the relay's local endpoint: do not linger for one
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env=child_env(HOTWEIGHTS_LINGER_S="0"), cwd=ROOT)
         try:
             pub.wait_for_receivers(1, timeout=60)
             res = pub.publish(_weights(5))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT, child_env
+from tests.procs import warm
 
 
 def tool(name: str) -> str:
@@ -25,8 +26,7 @@ def tool(name: str) -> str:
 
 def launch(cmd: list[str], *, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root with a deadline; fail with the output's tail if it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env),
-                          cwd=ROOT)
+    proc = warm.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env), cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
                              f"STDERR:\n{proc.stderr[-6000:]}")

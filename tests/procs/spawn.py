@@ -1,4 +1,5 @@
-"""Start test processes and read their JSON lines with deadlines (a test must never hang)."""
+"""Start test processes (warm: tests/procs/warm.py) and read their JSON lines with deadlines (a test must
+never hang)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import threading
 from typing import Any
 
 from tests.conftest import ROOT, child_env
+from tests.procs.warm import popen
 
 
 class Proc:
-    def __init__(self, args: list[str], *, env: dict | None = None, stdin: bool = False):
-        self.p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.PIPE if stdin else None, text=True, env=env or child_env(),
-                                  cwd=ROOT)
+    def __init__(self, args: list[str], *, env: dict | None = None, stdin: bool = False, warm: bool = True):
+        start = popen if warm else subprocess.Popen
+        self.p = start([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       stdin=subprocess.PIPE if stdin else None, text=True, env=env or child_env(), cwd=ROOT)
         self._q: queue.Queue = queue.Queue()
         self._err: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
