@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..config import child_environ
 from ..errors import ConfigError, HotweightsError
@@ -73,11 +73,13 @@ class Netns:
     """``n_hosts`` hosts on one shaped switch. Use as a context manager (or ``open`` / ``close``).
 
     ``rate``: the tbf rate of every link in each direction (``None``: unshaped). Names carry a random
-    prefix, so concurrent runs never collide.
+    prefix, so concurrent runs never collide. ``popen`` starts processes (``subprocess.Popen`` by
+    default) and is given ``ip netns exec NAME argv...`` with ``Popen``'s keyword arguments.
     """
 
     def __init__(self, n_hosts: int, *, rate: Optional[str] = "500mbit", burst: str = "256kb",
-                 latency: str = "50ms", prefix: Optional[str] = None):
+                 latency: str = "50ms", prefix: Optional[str] = None,
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen):
         if not 1 <= n_hosts <= 200:
             raise ConfigError(f"n_hosts must be 1..200, got {n_hosts}")
         self.n_hosts = n_hosts
@@ -89,6 +91,7 @@ class Netns:
         self.switch = f"{self.prefix}sw"
         self._made: list[str] = []
         self._procs: list[Proc] = []
+        self._popen = popen
 
     # ---------------------------------------------------------------- topology
     def ns(self, i: int) -> str:
@@ -146,9 +149,8 @@ class Netns:
     def spawn(self, i: int, argv: Sequence[str], *, env: Optional[dict[str, str]] = None,
               stdin: Optional[int] = None) -> "Proc":
         """Start ``argv`` inside host ``i`` (own process group; its output is collected line by line)."""
-        popen = subprocess.Popen(["ip", "netns", "exec", self.ns(i), *argv], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, stdin=stdin, text=True, env=env,
-                                 start_new_session=True)
+        popen = self._popen(["ip", "netns", "exec", self.ns(i), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=stdin, text=True, env=env, start_new_session=True)
         proc = Proc(popen, host=i)
         self._procs.append(proc)
         return proc

@@ -17,6 +17,8 @@ import pytest
 
 from hotweights_trainer.relay.netns import Netns, NetnsError, child_env, start_fleet
 from tests.conftest import ROOT, require
+from tests.procs import warm
+from tests.procs.warm import popen
 
 PORT = 29500
 MB = 24.0
@@ -90,7 +92,7 @@ def _applied(rxs, version: int, digest: str, timeout: float = 30) -> None:
 
 
 def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
-    with Netns(4, rate=RATE) as net:  # publisher host + 3 receiver hosts x 2 receivers
+    with Netns(4, rate=RATE, popen=popen) as net:  # publisher host + 3 receiver hosts x 2 receivers
         relays, rxs = start_fleet(net, receivers=2, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
                                   env=fleet_env, verbose=True)
         pub = _driver(net, fleet_env)
@@ -106,9 +108,9 @@ def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
         # Reports travel up the chain one heartbeat per hop (about 1 s each): poll, with a deadline.
         deadline = time.monotonic() + 30
         while True:
-            out = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m",
-                                  "hotweights_trainer", "status", f"tcp://{net.ip(0)}:{PORT}", "--json"],
-                                 capture_output=True, text=True, timeout=60, env=fleet_env)
+            out = warm.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
+                            "status", f"tcp://{net.ip(0)}:{PORT}", "--json"],
+                           capture_output=True, text=True, timeout=60, env=fleet_env)
             assert out.returncode == 0, out.stderr
             hosts = _tree_hosts(json.loads(out.stdout))
             settled = len(hosts) == 3 and all(
@@ -120,9 +122,9 @@ def test_chain_every_receiver_bit_exact_and_status_shows_the_tree(fleet_env):
         assert len(hosts) == 3 and all(h["version"] == row["version"] for h in hosts), hosts
         assert all(len(h["receivers"]) == 2 for h in hosts), hosts
         assert all(r["live_version"] == row["version"] for h in hosts for r in h["receivers"]), hosts
-        text = subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
-                               "status", f"tcp://{net.ip(0)}:{PORT}"], capture_output=True, text=True,
-                              timeout=60, env=fleet_env)
+        text = warm.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-m", "hotweights_trainer",
+                         "status", f"tcp://{net.ip(0)}:{PORT}"], capture_output=True, text=True,
+                        timeout=60, env=fleet_env)
         assert "relay tree" in text.stdout and text.stdout.count("lag 0") >= 3, text.stdout
 
 
@@ -146,7 +148,7 @@ def _chain_with_one_version(env: dict, fallback: bool = False):
     """Publisher host + 3 relay hosts x 1 receiver, chained, with version 1 applied everywhere;
     the relays' logs are printed if the test fails. One receiver per host: the fan-out to several
     receivers on a host is the chain test's; these tests are about what crosses hosts."""
-    with Netns(4, rate=RATE) as net:
+    with Netns(4, rate=RATE, popen=popen) as net:
         relays, rxs = start_fleet(net, receivers=1, topology="chain", port=PORT, timeout_s=TIMEOUT_S,
                                   env=env, verbose=True, fallback=fallback)
         pub = _driver(net, env)

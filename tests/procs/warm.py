@@ -153,17 +153,27 @@ class _Child:
 
 
 def _enter_netns(name: str) -> None:
-    """Join network namespace ``name``, as ``ip netns exec NAME`` does before it runs a program."""
+    """Join network namespace ``name`` as ``ip netns exec NAME`` does before it runs a program: the
+    namespace, then a private mount namespace with ``/sys`` mounted afresh, so that what a library
+    reads there (UCX lists network devices in /sys/class/net) is this namespace's."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what} for network namespace {name!r}: {os.strerror(err)}")
+
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into network namespace {name!r}: {os.strerror(err)}")
+        check(libc.setns(fd, 0x40000000), "setns")  # CLONE_NEWNET
     finally:
         os.close(fd)
+    check(libc.unshare(0x00020000), "unshare")  # CLONE_NEWNS
+    check(libc.mount(b"", b"/", b"none", (1 << 19) | 16384, None), "mount --make-rslave /")  # MS_SLAVE|MS_REC
+    check(libc.umount2(b"/sys", 2), "umount /sys")  # MNT_DETACH
+    check(libc.mount(name.encode(), b"/sys", b"sysfs", 0, None), "mount /sys")
 
 
 def serve(path: str) -> Optional[_Child]:
