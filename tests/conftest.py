@@ -6,6 +6,7 @@ failure, so CI can never go green by skipping the MPI, UCX, Redis, DeepSpeed or 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -111,18 +112,33 @@ def run_python(code_or_args, *, timeout: float = 120, env: dict | None = None, c
     return proc
 
 
+@contextlib.contextmanager
 def in_process_llm(model_dir, **options):
     """A real vLLM engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: started in seconds)
-    with the hotweights backend and small test settings, which ``options`` extend or replace.
-    Stop it with ``llm.llm_engine.engine_core.shutdown()``."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.config import WeightTransferConfig
+    with the hotweights backend and small test settings, which ``options`` extend or replace; shut
+    down on exit.
 
-    settings = {"dtype": "float32", "kv_cache_memory_bytes": 16 << 20, "max_model_len": 128,
-                "enforce_eager": True, "weight_transfer_config": WeightTransferConfig(backend="hotweights"),
-                **options}
-    return LLM(str(model_dir), **settings)
+    vLLM sets process-wide environment variables while it starts (``LD_PRELOAD`` of its OpenMP
+    library, ``LOCAL_WORLD_SIZE``, its worker start method, ...). They are undone on exit, so that
+    they never reach the child processes of the tests that this worker runs afterwards.
+    """
+    saved = dict(os.environ)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        settings = {"dtype": "float32", "kv_cache_memory_bytes": 16 << 20, "max_model_len": 128,
+                    "enforce_eager": True, "weight_transfer_config": WeightTransferConfig(backend="hotweights"),
+                    **options}
+        llm = LLM(str(model_dir), **settings)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

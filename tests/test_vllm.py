@@ -33,9 +33,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    engine = in_process_llm(model_dir)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    with in_process_llm(model_dir) as engine:
+        yield engine
 
 
 def prompt_logprobs(llm) -> tuple[list[float], list[int]]:

@@ -37,10 +37,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    engine = in_process_llm(model_dir, max_model_len=64, enable_lora=True, max_lora_rank=MAX_RANK,
-                            max_loras=2)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    with in_process_llm(model_dir, max_model_len=64, enable_lora=True, max_lora_rank=MAX_RANK,
+                        max_loras=2) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

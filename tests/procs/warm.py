@@ -48,8 +48,11 @@ PRELOAD = ("numpy", "torch", "hotweights_trainer", "hotweights_trainer.transport
            "hotweights_trainer.cli", "tests.procs.common")
 # Environment read when an interpreter, its allocator or a library the server imported (torch,
 # libgomp) starts: a request that sets these differently from the server is started cold. What
-# libraries read later (UCX_*, OMPI_*, HOTWEIGHTS_*) reaches the child's own environment.
-_AT_START = ("PYTHON", "LD_", "OMP_", "GOMP_", "MALLOC_", "GLIBC_", "TORCH_")
+# libraries read later (UCX_*, OMPI_*, HOTWEIGHTS_*) reaches the child's own environment. Not
+# LD_LIBRARY_PATH: libraries that test processes import append to it (vLLM's cv2 does), and the
+# suite's children load nothing through it.
+_AT_START = ("PYTHON", "LD_PRELOAD", "OMP_", "GOMP_", "MALLOC_", "GLIBC_TUNABLES", "TORCH_LOGS",
+             "TORCH_SHOW_CPP_STACKTRACES", "TORCH_CPP_LOG_LEVEL")
 _PER_CHILD = {"PYTHONPATH", "PYTHONUNBUFFERED"}
 # Heavy libraries a request may ask the server to import before it forks (once; later children find
 # them imported too): picked from the command's source text unless the caller names them.
@@ -83,9 +86,11 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
 class _Child:
     """What a forked child runs, once the server's loop has returned (no server frame is left)."""
 
-    def __init__(self, request: dict, fds: list[int]):
+    def __init__(self, request: dict, fds: list[int], server_path: str, server_env: dict[str, str]):
         self.request = request
         self.fds = fds
+        self.server_path = server_path
+        self.server_env = server_env
 
     def setup(self) -> None:
         """Session, namespace, stdio, directory, environment: done before the client learns the pid,
@@ -106,6 +111,12 @@ class _Child:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
+        threads = req["env"].get("OMP_NUM_THREADS")
+        if threads != self.server_env.get("OMP_NUM_THREADS") and threads and threads.isdigit():
+            import torch  # libgomp read OMP_NUM_THREADS when the server loaded it: set it as a start would
+
+            torch.set_num_threads(int(threads))
+        _route_children(self.server_path, self.server_env)
 
     def run(self) -> Any:
         argv = list(self.request["argv"][1:])
@@ -181,6 +192,7 @@ def serve(path: str) -> Optional[_Child]:
     for name in PRELOAD:
         __import__(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the test process's to handle; it closes us
+    server_env = dict(os.environ)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(64)
@@ -227,7 +239,7 @@ def serve(path: str) -> Optional[_Child]:
                         c.close()
                     for fd in (wake_r, wake_w, set_r):
                         os.close(fd)
-                    child = _Child(request, fds)
+                    child = _Child(request, fds, path, server_env)
                     try:
                         child.setup()
                     except BaseException as exc:  # noqa: BLE001 - reported to the client, as exec errors are
@@ -338,25 +350,33 @@ def main() -> Any:
 
 # ---------------------------------------------------------------------------------------------- client
 class _Server:
-    """This test process's fork server, started on first use."""
+    """A warm-start server: where to ask (``path``) and the environment it started with (``env``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str, env: dict[str, str], proc: Optional[subprocess.Popen] = None):
+        self.path = path
+        self.env = env
+        self.proc = proc
+
+    @classmethod
+    def start(cls) -> "_Server":
+        """This test process's server (started on first use, closed at exit)."""
         from tests.conftest import ROOT, child_env
 
-        self.dir = tempfile.mkdtemp(prefix="hotweights-warm-")
-        self.path = os.path.join(self.dir, "sock")
-        self.env = child_env()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.procs.warm", self.path], cwd=ROOT,
-                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ready, _, _ = select.select([self.proc.stdout], [], [], _READY_S)
-        line = self.proc.stdout.readline() if ready else b""
+        path = os.path.join(tempfile.mkdtemp(prefix="hotweights-warm-"), "sock")
+        env = child_env()
+        proc = _ORIGINAL_POPEN([sys.executable, "-m", "tests.procs.warm", path], cwd=ROOT, env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready, _, _ = select.select([proc.stdout], [], [], _READY_S)
+        line = proc.stdout.readline() if ready else b""
         if not line.startswith(b"{"):
-            self.proc.kill()
+            proc.kill()
             raise RuntimeError(f"the warm-start server did not start within {_READY_S:.0f}s")
-        atexit.register(self.close)
+        server = cls(path, env, proc)
+        atexit.register(server.close)
+        return server
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()  # the server kills what it still runs and exits
             try:
                 self.proc.wait(10)
@@ -364,12 +384,14 @@ class _Server:
                 self.proc.kill()
         try:
             os.unlink(self.path)
-            os.rmdir(self.dir)
+            os.rmdir(os.path.dirname(self.path))
         except OSError:
             pass
 
 
+_ORIGINAL_POPEN = subprocess.Popen
 _server: Optional[_Server] = None
+_cold_keys: set[str] = set()
 _server_lock = threading.Lock()
 enabled = True
 
@@ -379,11 +401,20 @@ def _get_server() -> Optional[_Server]:
     with _server_lock:
         if _server is None and enabled:
             try:
-                _server = _Server()
+                _server = _Server.start()
             except (OSError, RuntimeError) as exc:
                 log.warning("starting test children cold: %s", exc)
                 enabled = False
         return _server if enabled else None
+
+
+def _route_children(path: str, env: dict[str, str]) -> None:
+    """(in a warm child) Start this process's own Python children warm too, whoever starts them: a
+    launcher (torchrun, ``accelerate launch``, ``deepspeed``) starting its ranks, a recipe its
+    inference process, a notebook kernel what its cells run."""
+    global _server
+    _server = _Server(path, env)
+    subprocess.Popen = WarmPopen  # type: ignore[misc]
 
 
 def _netns_split(args: list[str]) -> tuple[Optional[str], list[str]]:
@@ -393,26 +424,50 @@ def _netns_split(args: list[str]) -> tuple[Optional[str], list[str]]:
     return None, args
 
 
+def _python_argv(args: list[str]) -> Optional[list[str]]:
+    """``args`` as ``[python, ...]`` when it runs this interpreter: directly, or through a console
+    script of its environment (``torchrun``, ``accelerate``, ``deepspeed``: Python files whose
+    ``#!`` line names it)."""
+    if not args:
+        return None
+    if args[0] == sys.executable:
+        return args
+    if os.path.dirname(args[0]) == os.path.dirname(sys.executable):
+        try:
+            with open(args[0], "rb") as f:
+                first = f.readline(512)
+        except OSError:
+            return None
+        if first.strip() == b"#!" + sys.executable.encode():
+            return [sys.executable, *args]
+    return None
+
+
 def eligible(args: list[str], env: dict[str, str], server_env: dict[str, str]) -> bool:
     """Whether ``args`` (with ``env``) runs the same warm as cold."""
-    args = _netns_split(args)[1]
-    if len(args) < 2 or args[0] != sys.executable:
+    argv = _python_argv(_netns_split(args)[1])
+    if argv is None or len(argv) < 2:
         return False
-    rest = args[2:] if args[1] == "-u" else args[1:]
-    if not rest or not (rest[0] in ("-c", "-m") and len(rest) > 1 or rest[0].endswith(".py")):
+    rest = argv[2:] if argv[1] == "-u" else argv[1:]
+    if not rest or not (rest[0] in ("-c", "-m") and len(rest) > 1 or not rest[0].startswith("-")):
         return False
     for key in set(env) | set(server_env):
         if key.startswith(_AT_START) and key not in _PER_CHILD and env.get(key) != server_env.get(key):
-            log.debug("starting %s cold: %s differs from the warm-start server's", args[1:3], key)
+            if key == "OMP_NUM_THREADS" and str(env.get(key, "")).isdigit():
+                continue  # applied in the child through torch (libgomp read it when the server started)
+            if key not in _cold_keys:
+                _cold_keys.add(key)
+                log.info("starting children cold while %s differs from the warm-start server's", key)
             return False
     return True
 
 
 class WarmPopen(subprocess.Popen):
-    """A ``subprocess.Popen`` whose child is forked by the warm-start server (same API)."""
+    """``subprocess.Popen`` (same API) whose child is forked by the warm-start server when it can be
+    (:func:`eligible`, and no ``preexec_fn``, ``pass_fds``, shell or inherited descriptors); any other
+    command starts as ``Popen`` starts it."""
 
-    def __init__(self, args: list[str], *, server: _Server, preload: list[str], **kw: Any):
-        self._server = server
+    def __init__(self, args: Any, *, preload: Optional[list[str]] = None, **kw: Any):
         self._preload = preload
         self._conn: Optional[socket.socket] = None
         self._buf = b""
@@ -421,20 +476,31 @@ class WarmPopen(subprocess.Popen):
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
                        restore_signals, gid, gids, uid, umask, start_new_session, *rest):
+        server = _get_server() if enabled else None
+        argv = [os.fsdecode(a) for a in args] if isinstance(args, (list, tuple)) else None
+        env_dict = {os.fsdecode(k): os.fsdecode(v) for k, v in (env if env is not None else os.environ).items()}
+        plain = (preexec_fn is None and not pass_fds and not shell and close_fds and executable is None
+                 and gid is None and not gids and uid is None and umask < 0 and all(r in (None, -1) for r in rest))
+        if server is None or argv is None or not plain or not eligible(argv, env_dict, server.env):
+            return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
+                                          startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread,
+                                          c2pwrite, errread, errwrite, restore_signals, gid, gids, uid, umask,
+                                          start_new_session, *rest)
+        netns, command = _netns_split(argv)
+        command = _python_argv(command)
+        preload = self._preload if self._preload is not None else preload_for(command)
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                errwrite if errwrite != -1 else 2]
-        netns, argv = _netns_split([str(a) for a in args])
-        request = {"argv": argv, "env": dict(env if env is not None else os.environ),
-                   "cwd": str(cwd if cwd is not None else os.getcwd()),
-                   "new_session": bool(start_new_session), "netns": netns, "preload": self._preload}
+        request = {"argv": command, "env": env_dict, "cwd": os.fsdecode(cwd) if cwd is not None else os.getcwd(),
+                   "new_session": bool(start_new_session), "netns": netns, "preload": preload}
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(30)
-            conn.connect(self._server.path)
+            conn.connect(server.path)
             data = json.dumps(request).encode() + b"\n"
             sent = socket.send_fds(conn, [data], fds)
             conn.sendall(data[sent:])
-            reply = self._line(conn, 30)
+            reply = self._line(conn, 60)
         except BaseException:
             conn.close()
             raise
@@ -463,6 +529,8 @@ class WarmPopen(subprocess.Popen):
         return json.loads(line)
 
     def _try_wait(self, wait_flags):
+        if self._conn is None:
+            return super()._try_wait(wait_flags)
         try:
             reply = self._line(self._conn, 0 if wait_flags & os.WNOHANG else None)
         except TimeoutError:
@@ -473,8 +541,10 @@ class WarmPopen(subprocess.Popen):
         self._conn.close()
         return (self.pid, reply["status"])
 
-    def _internal_poll(self, _deadstate=None, **_: Any):
-        if self.returncode is None and self._conn is not None:
+    def _internal_poll(self, _deadstate=None, **kw: Any):
+        if self._conn is None:
+            return super()._internal_poll(_deadstate=_deadstate, **kw)
+        if self.returncode is None:
             if not self._waitpid_lock.acquire(False):
                 return None
             try:
@@ -516,18 +586,9 @@ def preload_for(argv: list[str]) -> list[str]:
 
 
 def popen(args: list[str], *, preload: Optional[list[str]] = None, **kw: Any) -> subprocess.Popen:
-    """``subprocess.Popen(args, **kw)``, started warm when ``args`` is eligible; ``preload``: modules
-    (``module`` or ``module:attribute``) the server imports first (default: :func:`preload_for`)."""
-    server = _get_server() if enabled else None
-    if server is not None and not (set(kw) - {"stdin", "stdout", "stderr", "text", "env", "cwd",
-                                              "start_new_session", "bufsize", "encoding", "errors"}):
-        env = kw.get("env") if kw.get("env") is not None else dict(os.environ)
-        argv = [str(a) for a in args]
-        if eligible(argv, env, server.env):
-            if preload is None:
-                preload = preload_for(_netns_split(argv)[1])
-            return WarmPopen(args, server=server, preload=preload, **kw)
-    return subprocess.Popen(args, **kw)
+    """``subprocess.Popen(args, **kw)``, started warm when it can be; ``preload``: modules (``module`` or
+    ``module:attribute``) the server imports first (default: :func:`preload_for`)."""
+    return WarmPopen(args, preload=preload, **kw) if enabled else _ORIGINAL_POPEN(args, **kw)
 
 
 def run(args: list[str], *, timeout: Optional[float] = None, input: Any = None, check: bool = False,
