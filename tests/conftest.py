@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# Imported first, so that it records the environment the tests start with.
+from tests.procs import warm as warm_start
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {x.strip() for x in os.environ.get("HOTWEIGHTS_REQUIRE", "").split(",") if x.strip()}
 
@@ -67,7 +70,12 @@ def child_env(**extra: str) -> dict[str, str]:
     commands differently, so children alternating between the two rebuilt the op (tens of seconds of
     compiling) again and again.
     """
-    env = dict(os.environ)
+    return environment_for_children(os.environ, extra)
+
+
+def environment_for_children(base, extra: dict) -> dict[str, str]:
+    """:func:`child_env` built on ``base`` instead of this process's environment."""
+    env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     venv_bin = str(Path(sys.executable).parent)
     rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
@@ -100,8 +108,6 @@ def run_python(code_or_args, *, timeout: float = 120, env: dict | None = None, c
 
     The child is started warm (tests/procs/warm.py) unless ``warm`` is False: for a test about what
     a real interpreter does when it starts or exits."""
-    from tests.procs import warm as warm_start
-
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
     run = warm_start.run if warm else subprocess.run
     proc = run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
@@ -154,9 +160,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     if config.getoption("--cold-start"):
-        from tests.procs import warm
-
-        warm.enabled = False
+        warm_start.enabled = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -360,10 +360,12 @@ class _Server:
     @classmethod
     def start(cls) -> "_Server":
         """This test process's server (started on first use, closed at exit)."""
-        from tests.conftest import ROOT, child_env
+        from tests.conftest import ROOT, environment_for_children
 
         path = os.path.join(tempfile.mkdtemp(prefix="hotweights-warm-"), "sock")
-        env = child_env()
+        # From the environment the test process started with: libraries that tests run in-process
+        # add variables to it later (vLLM sets LD_PRELOAD), which must not become the server's.
+        env = environment_for_children(_STARTING_ENV, {})
         proc = _ORIGINAL_POPEN([sys.executable, "-m", "tests.procs.warm", path], cwd=ROOT, env=env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         ready, _, _ = select.select([proc.stdout], [], [], _READY_S)
@@ -390,6 +392,7 @@ class _Server:
 
 
 _ORIGINAL_POPEN = subprocess.Popen
+_STARTING_ENV = dict(os.environ)  # imported by tests/conftest.py, before any test runs
 _server: Optional[_Server] = None
 _cold_keys: set[str] = set()
 _server_lock = threading.Lock()
