@@ -135,8 +135,8 @@ def in_process_llm(model_dir, **options):
         from vllm.config import WeightTransferConfig
 
         settings = {"dtype": "float32", "kv_cache_memory_bytes": 16 << 20, "max_model_len": 128,
-                    "enforce_eager": True, "weight_transfer_config": WeightTransferConfig(backend="hotweights"),
-                    **options}
+                    "enforce_eager": True,
+                    "weight_transfer_config": WeightTransferConfig(backend="hotweights"), **options}
         llm = LLM(str(model_dir), **settings)
         try:
             yield llm
@@ -155,7 +155,8 @@ def endpoint() -> str:
 
 def pytest_addoption(parser):
     parser.addoption("--cold-start", action="store_true",
-                     help="start every Python child as a fresh interpreter (no warm starts, tests/procs/warm.py)")
+                     help="start every Python child as a fresh interpreter (no warm starts: "
+                          "tests/procs/warm.py)")
 
 
 def pytest_configure(config):

@@ -130,7 +130,8 @@ def receiver_gets_version_1(endpoint: str) -> None:
 def test_exit_linger_serves_the_last_version_to_a_late_receiver_then_frees_everything(endpoint):
     # The script ends before the inference side connects; with HOTWEIGHTS_EXIT_LINGER_S its publisher,
     # closed at exit, still hands the last version over (without it, exit closes at once).
-    pub = Proc(["-c", PUBLISHER, endpoint, "return"], env=child_env(HOTWEIGHTS_EXIT_LINGER_S="60"), warm=False)
+    pub = Proc(["-c", PUBLISHER, endpoint, "return"], env=child_env(HOTWEIGHTS_EXIT_LINGER_S="60"),
+               warm=False)
     try:
         assert pub.next(120)["blocks"]
         receiver_gets_version_1(endpoint)

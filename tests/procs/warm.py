@@ -183,9 +183,11 @@ class WarmPopen(subprocess.Popen):
                        restore_signals, gid, gids, uid, umask, start_new_session, *rest):
         server = _get_server() if enabled else None
         argv = [os.fsdecode(a) for a in args] if isinstance(args, (list, tuple)) else None
-        env_dict = {os.fsdecode(k): os.fsdecode(v) for k, v in (env if env is not None else os.environ).items()}
+        source = env if env is not None else os.environ
+        env_dict = {os.fsdecode(k): os.fsdecode(v) for k, v in source.items()}
         plain = (preexec_fn is None and not pass_fds and not shell and close_fds and executable is None
-                 and gid is None and not gids and uid is None and umask < 0 and all(r in (None, -1) for r in rest))
+                 and gid is None and not gids and uid is None and umask < 0
+                 and all(r in (None, -1) for r in rest))
         if server is None or argv is None or not plain or not eligible(argv, env_dict, server.env):
             return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
                                           startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread,
@@ -196,7 +198,8 @@ class WarmPopen(subprocess.Popen):
         preload = self._preload if self._preload is not None else preload_for(command)
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
                errwrite if errwrite != -1 else 2]
-        request = {"argv": command, "env": env_dict, "cwd": os.fsdecode(cwd) if cwd is not None else os.getcwd(),
+        request = {"argv": command, "env": env_dict,
+                   "cwd": os.fsdecode(cwd) if cwd is not None else os.getcwd(),
                    "new_session": bool(start_new_session), "netns": netns, "preload": preload}
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
